@@ -1,0 +1,12 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vllm-kvplugin: KV-cache reuse through LMCache for vLLM outside CUDA.
+
+Importing this package imports nothing heavy: vLLM loads the entry points in
+:mod:`vllm_kvplugin.plugin` in every process, and those must stay cheap.
+"""
+
+__version__ = "0.1.0"
+
+# Bumped whenever the bytes this plugin stores for a chunk change meaning. It is
+# part of every cache key, so an engine never reads another format's bytes.
+KV_FORMAT_VERSION = 1

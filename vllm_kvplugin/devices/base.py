@@ -1,0 +1,39 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The device contract with plain-torch defaults; device modules override only what differs.
+
+Runs in the vLLM worker process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceOps:
+    """What the KV mover needs to know about one kind of device.
+
+    The defaults are generic torch (``torch.get_device_module``), which is right
+    for most accelerators; subclasses state where their device differs.
+    """
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def layout_tag(self) -> str:
+        """What, besides vLLM's config, decides the byte layout of a KV block on this device.
+
+        Part of every cache key, so that bytes never cross into an engine that
+        would read them differently.
+        """
+        return self.device_type
+
+    def pin_memory_available(self) -> bool:
+        """Whether host buffers for this device should be page-locked."""
+        return False
+
+    def flush(self) -> None:
+        """Make queued device work start now (HPU lazy mode needs an explicit ``mark_step``)."""
+
+    def synchronize(self) -> None:
+        """Block the calling host thread until this device's queued copies are done."""
+        torch.get_device_module(self.device_type).synchronize()

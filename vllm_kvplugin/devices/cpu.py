@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CPU (vLLM-CPU): copies are synchronous, host and device memory are the same.
+
+Runs in the vLLM worker process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvplugin.devices.base import DeviceOps
+
+
+class CpuOps(DeviceOps):
+    def layout_tag(self) -> str:
+        # vLLM-CPU's attention kernels pack K/V inside a block per ISA (AVX2,
+        # AVX512, AMX, NEON...): bytes stored on one machine are garbage on another.
+        return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: CPU copies finish before they return."""
+
+
+DEVICE_OPS = CpuOps

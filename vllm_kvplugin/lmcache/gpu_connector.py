@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LMCache ``GPUConnectorInterface`` backed by the portable KV mover.
+
+Runs in the vLLM worker process; LMCache's engine calls it on store (paged
+blocks -> host ``MemoryObj``) and retrieve (host ``MemoryObj`` -> paged blocks).
+
+LMCache allocates each chunk's host object as ``[2, L, n, H*D]`` (``[1, L, n, D]``
+for MLA) in the KV dtype. That is exactly the size of the ``n / block_size``
+whole vLLM blocks that hold the chunk, so the object carries those blocks' raw
+bytes (see :mod:`vllm_kvplugin.kv.blocks` for their order). LMCache itself never
+interprets the bytes of a chunk on this path (no blending, no layer-wise
+transfer: both are refused at startup), and the cache key carries a layout
+fingerprint, so no engine reads them with a different layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
+from lmcache.v1.memory_management import MemoryFormat, MemoryObj
+from lmcache.v1.metadata import LMCacheMetadata
+
+from vllm_kvplugin.devices import device_ops
+from vllm_kvplugin.kv import PagedKVBlocks
+
+
+class PortableGPUConnector(GPUConnectorInterface):
+    """Moves LMCache chunks as whole vLLM blocks, on any torch device.
+
+    Args:
+        metadata: LMCache's engine metadata (its ``kv_shape`` gives the host
+            object shape).
+        block_size: vLLM's tokens per block; every chunk LMCache moves starts
+            on a block boundary and spans whole blocks (``chunk_size`` is a
+            multiple of it, checked at startup).
+    """
+
+    def __init__(self, metadata: LMCacheMetadata, block_size: int):
+        num_layers, kv_size, _, num_heads, head_size = metadata.kv_shape
+        self._shape_prefix = (kv_size, num_layers)
+        self._hidden = num_heads * head_size
+        self._use_mla = metadata.use_mla
+        self._dtype = metadata.kv_dtype
+        self.block_size = block_size
+        self.blocks: PagedKVBlocks | None = None
+        self._registered: tuple[int, ...] = ()
+        self._staging: torch.Tensor | None = None
+
+    # -- LMCache contract ------------------------------------------------
+
+    def get_shape(self, num_tokens: int) -> torch.Size:
+        return torch.Size([*self._shape_prefix, num_tokens, self._hidden])
+
+    def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs) -> None:
+        self.batched_from_gpu([memory_obj], [start], [end], **kwargs)
+
+    def to_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs) -> None:
+        self.batched_to_gpu([memory_obj], [start], [end], **kwargs)
+
+    def batched_from_gpu(self, memory_objs, starts, ends, **kwargs) -> None:
+        """Store path: gather each chunk's blocks into its host object."""
+        blocks = self._blocks(kwargs)
+        slot_mapping = kwargs["slot_mapping"]
+        ops = device_ops(blocks.device.type)
+        for obj, start, end in zip(memory_objs, starts, ends, strict=True):
+            ids = self._block_ids(slot_mapping, start, end)
+            host = obj.tensor
+            if host.device == blocks.device:
+                blocks.gather(ids, host)
+            else:
+                staging = self._staging_for(blocks, host)
+                blocks.gather(ids, staging)
+                ops.flush()
+                host.view(-1).view(torch.int8).copy_(staging, non_blocking=True)
+            if self._use_mla:
+                obj.metadata.fmt = MemoryFormat.KV_MLA_FMT
+        if memory_objs and memory_objs[0].tensor.device != blocks.device:
+            ops.synchronize()  # once per batch: the host objects are handed on after we return
+
+    def batched_to_gpu(self, memory_objs=None, starts=None, ends=None, **kwargs) -> None:
+        """Retrieve path: scatter each host object into its chunk's blocks."""
+        blocks = self._blocks(kwargs)
+        slot_mapping = kwargs["slot_mapping"]
+        ops = device_ops(blocks.device.type)
+        for obj, start, end in zip(memory_objs, starts, ends, strict=True):
+            ids = self._block_ids(slot_mapping, start, end)
+            host = obj.tensor
+            if host.device == blocks.device:
+                blocks.scatter(ids, host)
+            else:
+                staging = self._staging_for(blocks, host)
+                staging.copy_(host.view(-1).view(torch.int8), non_blocking=True)
+                blocks.scatter(ids, staging)
+                ops.flush()
+        if memory_objs and memory_objs[0].tensor.device != blocks.device:
+            ops.synchronize()  # LMCache frees the host objects when we return
+
+    # -- helpers -----------------------------------------------------------
+
+    def register(self, kv_caches) -> PagedKVBlocks:
+        """Describe the worker's KV tensors (vLLM's ``register_kv_caches`` values)."""
+        kv_caches = list(kv_caches)
+        self.blocks = PagedKVBlocks(kv_caches)
+        self._registered = tuple(map(id, kv_caches))
+        expected = self.get_shape(self.block_size).numel() * self._element_size()
+        if self.blocks.block_bytes != expected:
+            raise ValueError(
+                f"vLLM's KV blocks hold {self.blocks.block_bytes} bytes, LMCache's metadata implies "
+                f"{expected} ({tuple(self.get_shape(self.block_size))}); the model's KV shape is not "
+                "one this connector understands"
+            )
+        return self.blocks
+
+    def _element_size(self) -> int:
+        return torch.empty(0, dtype=self._dtype).element_size()
+
+    def _blocks(self, kwargs) -> PagedKVBlocks:
+        kv_caches = kwargs["kvcaches"]
+        if self.blocks is None or tuple(map(id, kv_caches)) != self._registered:
+            return self.register(kv_caches)
+        return self.blocks
+
+    def _block_ids(self, slot_mapping: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if start % self.block_size or (end - start) % self.block_size:
+            raise ValueError(
+                f"chunk [{start}, {end}) is not whole blocks of {self.block_size} tokens"
+            )
+        return torch.div(slot_mapping[start:end:self.block_size], self.block_size, rounding_mode="floor")
+
+    def _staging_for(self, blocks: PagedKVBlocks, host: torch.Tensor) -> torch.Tensor:
+        """A device buffer of the chunk's size, kept and grown rather than allocated per call."""
+        nbytes = host.numel() * host.element_size()
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.int8, device=blocks.device)
+        return self._staging[:nbytes]
