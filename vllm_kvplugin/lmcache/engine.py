@@ -16,20 +16,20 @@ own lookup, request-tracking and save/load logic unchanged.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 from lmcache.integration.vllm.utils import ENGINE_NAME, lmcache_get_or_create_config
 from lmcache.integration.vllm.vllm_service_factory import VllmServiceFactory
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.logging import init_logger
 from lmcache.v1.config_base import validate_and_set_config_value
 
 from vllm_kvplugin import KV_FORMAT_VERSION
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 _EXTRA_PREFIX = "lmcache."
 

@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Property tests of the whole-block KV mover: torch only, every layout vLLM and vllm-gaudi hand over."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_kvplugin.kv import PagedKVBlocks
+
+# vLLM's KVCacheLayout names: the physical order of logical dims [L, B, H, N, C].
+LAYOUTS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
+
+
+def random_bytes(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A dense tensor of ``dtype`` whose bytes are random (so every byte is checked)."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, (nbytes,), dtype=torch.int8, generator=g).view(dtype)
+
+
+def unified_views(buffer: torch.Tensor, layout: str, L: int, B: int, H: int, N: int, C: int):
+    """Per-layer ``[B, H, N, C]`` views of one buffer, the way vLLM ≥0.30 builds them."""
+    sizes = dict(zip("LBHNC", (L, B, H, N, C)))
+    strides, acc = {}, 1
+    for dim in reversed(layout):
+        strides[dim] = acc
+        acc *= sizes[dim]
+    return [
+        torch.as_strided(
+            buffer,
+            (B, H, N, C),
+            (strides["B"], strides["H"], strides["N"], strides["C"]),
+            storage_offset=l * strides["L"],
+        )
+        for l in range(L)
+    ]
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int8)
+
+
+def block_ids_strategy(num_blocks: int):
+    return st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=num_blocks, unique=True)
+
+
+@st.composite
+def unified_case(draw):
+    layout = draw(st.sampled_from(LAYOUTS))
+    dtype = draw(st.sampled_from(DTYPES))
+    L = draw(st.integers(1, 4))
+    B = draw(st.integers(2, 9))
+    H = draw(st.integers(1, 4))
+    N = draw(st.sampled_from([1, 2, 16, 32]))
+    C = draw(st.sampled_from([2, 8, 64]))  # K and V packed: 2 * head_size elements (MLA: any)
+    ids = draw(block_ids_strategy(B))
+    return layout, dtype, (L, B, H, N, C), ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(unified_case(), st.integers(0, 2**16))
+def test_unified_round_trip_is_byte_exact_and_touches_nothing_else(case, seed):
+    layout, dtype, dims, ids = case
+    L, B, H, N, C = dims
+    src_views = unified_views(random_bytes(L * B * H * N * C, dtype, seed), layout, *dims)
+    dst_views = unified_views(random_bytes(L * B * H * N * C, dtype, seed + 1), layout, *dims)
+    before = [as_bytes(v).clone() for v in dst_views]
+    src, dst = PagedKVBlocks(src_views), PagedKVBlocks(dst_views)
+    assert src.fused  # every vLLM layout is one batched op
+
+    block_ids = torch.tensor(ids)
+    host = torch.empty(len(ids) * src.block_bytes, dtype=torch.int8)
+    src.gather(block_ids, host)
+    # Host order is [layer, block, bytes of the block in logical (H, N, C) order].
+    expected = torch.cat([as_bytes(v[block_ids]).reshape(-1) for v in src_views])
+    assert torch.equal(host, expected)
+
+    dst.scatter(block_ids, host)
+    for layer, (s, d, b) in enumerate(zip(src_views, dst_views, before)):
+        for blk in range(B):
+            want = as_bytes(s[blk]) if blk in ids else b[blk]
+            assert torch.equal(as_bytes(d[blk]), want), (layer, blk)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(DTYPES),
+    st.integers(1, 3),
+    st.integers(2, 8),
+    st.sampled_from([16, 128]),
+    st.integers(1, 4),
+    st.sampled_from([8, 64]),
+    st.booleans(),
+    st.data(),
+)
+def test_gaudi_kv_tuples_round_trip(dtype, L, B, N, H, D, mla, data):
+    """vllm-gaudi: per layer (K, V) allocated separately, each [B, N, H, D]; MLA has V=None."""
+    ids = data.draw(block_ids_strategy(B))
+
+    def layers(seed):
+        out = []
+        for l in range(L):
+            k = random_bytes(B * N * H * D, dtype, seed + 2 * l).view(B, N, H, D)
+            v = None if mla else random_bytes(B * N * H * D, dtype, seed + 2 * l + 1).view(B, N, H, D)
+            out.append((k, v, None, None))
+        return out
+
+    src_layers, dst_layers = layers(0), layers(1000)
+    snapshot = [[as_bytes(t).clone() for t in layer[:2] if t is not None] for layer in dst_layers]
+    src, dst = PagedKVBlocks(src_layers), PagedKVBlocks(dst_layers)
+    assert src.num_planes == L * (1 if mla else 2)
+
+    block_ids = torch.tensor(ids)
+    host = torch.empty(len(ids) * src.block_bytes, dtype=torch.int8)
+    src.gather(block_ids, host)
+    dst.scatter(block_ids, host)
+    for s_layer, d_layer, snap in zip(src_layers, dst_layers, snapshot):
+        planes = [(s, d) for s, d in zip(s_layer[:2], d_layer[:2]) if s is not None]
+        for (s, d), before in zip(planes, snap):
+            for blk in range(B):
+                want = as_bytes(s[blk]) if blk in ids else before[blk]
+                assert torch.equal(as_bytes(d[blk]), want)
+
+
+def test_mla_views_round_trip():
+    """MLA: one latent 'head', [B, 1, N, 576] views (REFERENCE §4), bf16, block 64."""
+    dims = (3, 6, 1, 64, 576)
+    for layout in ("LBNHC", "BLHNC"):
+        src_views = unified_views(random_bytes(3 * 6 * 64 * 576, torch.bfloat16, 1), layout, *dims)
+        dst_views = unified_views(torch.zeros(3 * 6 * 64 * 576, dtype=torch.bfloat16), layout, *dims)
+        ids = torch.tensor([4, 0, 3])
+        src = PagedKVBlocks(src_views)
+        host = torch.empty(3 * src.block_bytes, dtype=torch.int8)
+        src.gather(ids, host)
+        PagedKVBlocks(dst_views).scatter(ids, host)
+        for s, d in zip(src_views, dst_views):
+            assert torch.equal(as_bytes(d[ids]), as_bytes(s[ids]))
+            assert not d[[1, 2, 5]].any()
+
+
+def test_unevenly_spaced_layers_fall_back_to_per_plane_moves():
+    buffer = random_bytes(4 * 64, torch.float16, 3)
+    views = [buffer[0:64].view(4, 1, 2, 8), buffer[128:192].view(4, 1, 2, 8), buffer[192:256].view(4, 1, 2, 8)]
+    blocks = PagedKVBlocks(views)
+    assert not blocks.fused
+    host = torch.empty(2 * blocks.block_bytes, dtype=torch.int8)
+    blocks.gather(torch.tensor([3, 1]), host)
+    assert torch.equal(host, torch.cat([as_bytes(v[[3, 1]]).reshape(-1) for v in views]))
+
+
+def test_bad_inputs_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="no KV tensors"):
+        PagedKVBlocks([])
+    with pytest.raises(ValueError, match="disagree"):
+        PagedKVBlocks([torch.zeros(4, 1, 2, 8), torch.zeros(5, 1, 2, 8)])
+    with pytest.raises(ValueError, match="innermost"):
+        PagedKVBlocks([torch.zeros(4, 1, 8, 2).transpose(2, 3)])
+    blocks = PagedKVBlocks([torch.zeros(4, 1, 2, 8)])
+    with pytest.raises(ValueError, match="host buffer holds"):
+        blocks.gather(torch.tensor([0, 1]), torch.empty(10, dtype=torch.int8))

@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A real LMCacheEngine on CPU with the portable mover: store -> lookup -> retrieve, bit-exact."""
+
+import time
+import uuid
+
+import pytest
+import torch
+from lmcache.v1.cache_engine import LMCacheEngineBuilder
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.metadata import LMCacheMetadata
+
+from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+
+LAYERS, BLOCKS, HEADS, BLOCK, HEAD = 3, 24, 2, 16, 32
+CHUNK = 32
+
+
+def kv_views(seed=None):
+    """vLLM-CPU-like LBHNC views [B, H, N, 2*D] bf16 over one buffer (random bytes or zeros)."""
+    numel = LAYERS * BLOCKS * HEADS * BLOCK * 2 * HEAD
+    if seed is None:
+        buf = torch.zeros(numel, dtype=torch.bfloat16)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        buf = torch.randint(-128, 128, (numel * 2,), dtype=torch.int8, generator=g).view(torch.bfloat16)
+    per_layer = numel // LAYERS
+    return [buf[l * per_layer : (l + 1) * per_layer].view(BLOCKS, HEADS, BLOCK, 2 * HEAD) for l in range(LAYERS)]
+
+
+def slots(block_table, num_tokens):
+    pos = torch.arange(num_tokens)
+    return torch.tensor(block_table)[pos // BLOCK] * BLOCK + pos % BLOCK
+
+
+@pytest.fixture
+def make_engine(tmp_path):
+    ids = []
+
+    def make(**config):
+        cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, **config)
+        md = LMCacheMetadata(
+            model_name="kvplugin-test", world_size=1, local_world_size=1, worker_id=0,
+            local_worker_id=0, kv_dtype=torch.bfloat16,
+            kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,
+        )
+        engine_id = f"test-{uuid.uuid4()}"
+        ids.append(engine_id)
+        engine = LMCacheEngineBuilder.get_or_create(
+            engine_id, cfg, md, PortableGPUConnector(md, BLOCK), lambda t, s: t, lambda o, s: o
+        )
+        engine.post_init()
+        return engine
+
+    yield make
+    for engine_id in ids:
+        LMCacheEngineBuilder.destroy(engine_id)
+
+
+def wait_for_lookup(engine, tokens, expected, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while (hit := engine.lookup(tokens)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hit
+
+
+@pytest.mark.parametrize(
+    "tier",
+    [
+        pytest.param({"local_cpu": True, "max_local_cpu_size": 0.05}, id="local-cpu"),
+        pytest.param({"local_cpu": False, "max_local_cpu_size": 0.05, "max_local_disk_size": 0.1}, id="local-disk-only"),
+    ],
+)
+def test_store_lookup_retrieve_is_bit_exact(make_engine, tmp_path, tier):
+    if "max_local_disk_size" in tier:
+        tier = {**tier, "local_disk": f"file://{tmp_path}/"}
+    engine = make_engine(**tier)
+    num_tokens = 100  # 3 whole chunks of 32 (96 tokens); the partial tail is not stored
+    tokens = torch.randint(0, 1000, (num_tokens,), generator=torch.Generator().manual_seed(0))
+    src = kv_views(seed=7)
+    src_table = [5, 17, 2, 9, 11, 3, 20]  # non-contiguous, unordered physical blocks
+    engine.store(tokens, kvcaches=src, slot_mapping=slots(src_table, num_tokens))
+
+    assert wait_for_lookup(engine, tokens, 96) == 96
+    if "local_disk" in tier:
+        assert len(list(tmp_path.rglob("*"))) >= 3  # the chunks really went to files
+
+    dst = kv_views()
+    dst_table = [1, 4, 6, 8, 10, 12, 14]  # a different engine would place them elsewhere
+    hit = engine.retrieve(tokens, kvcaches=dst, slot_mapping=slots(dst_table, num_tokens))
+    assert int(hit.sum()) == 96
+    for s, d in zip(src, dst):
+        for sb, db in zip(src_table[:6], dst_table[:6]):
+            assert torch.equal(d[db].view(torch.int8), s[sb].view(torch.int8))
+        untouched = sorted(set(range(BLOCKS)) - set(dst_table[:6]))
+        assert not d[untouched].any()
+
+
+def test_a_different_prefix_misses(make_engine):
+    engine = make_engine(local_cpu=True, max_local_cpu_size=0.05)
+    tokens = torch.arange(64)
+    engine.store(tokens, kvcaches=kv_views(seed=1), slot_mapping=slots([0, 1, 2, 3], 64))
+    assert wait_for_lookup(engine, tokens, 64) == 64
+    other = tokens.clone()
+    other[0] = 999  # changes the first chunk's hash and so every chunk after it
+    assert engine.lookup(other) == 0
+
+
+def test_chunk_not_on_block_boundary_is_refused():
+    md = LMCacheMetadata(
+        model_name="m", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+        kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,
+    )
+    mover = PortableGPUConnector(md, BLOCK)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        mover._block_ids(torch.arange(64), 8, 40)
+
+
+def test_registering_kv_of_another_shape_is_refused():
+    md = LMCacheMetadata(
+        model_name="m", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+        kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, CHUNK, HEADS + 1, HEAD), role="worker", chunk_size=CHUNK,
+    )
+    with pytest.raises(ValueError, match="metadata implies"):
+        PortableGPUConnector(md, BLOCK).register(kv_views())
