@@ -10,6 +10,8 @@ from lmcache.v1.cache_engine import LMCacheEngineBuilder
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
 
+from vllm_kvplugin.devices import DeviceOps
+from vllm_kvplugin.lmcache import gpu_connector
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 
 LAYERS, BLOCKS, HEADS, BLOCK, HEAD = 3, 24, 2, 16, 32
@@ -123,3 +125,40 @@ def test_registering_kv_of_another_shape_is_refused():
     )
     with pytest.raises(ValueError, match="metadata implies"):
         PortableGPUConnector(md, BLOCK).register(kv_views())
+
+
+class StagingOps(DeviceOps):
+    """An accelerator's device module at the boundary: forces the staging path, counts syncs.
+
+    CPU has no separate device memory, so this is how the HPU/CUDA path of the
+    mover (device buffer, async copy, one synchronize per batch) runs here.
+    """
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.flushes = self.syncs = 0
+
+    def needs_staging(self, kv_device, host_device):
+        return True
+
+    def flush(self):
+        self.flushes += 1
+
+    def synchronize(self):
+        self.syncs += 1
+
+
+def test_accelerator_staging_path_is_bit_exact_and_syncs_once_per_batch(make_engine, monkeypatch):
+    ops = StagingOps()
+    monkeypatch.setattr(gpu_connector, "device_ops", lambda device_type: ops)
+    engine = make_engine(local_cpu=True, max_local_cpu_size=0.05)
+    tokens = torch.arange(96)
+    src, src_table = kv_views(seed=3), [7, 0, 13, 21, 2, 9]
+    engine.store(tokens, kvcaches=src, slot_mapping=slots(src_table, 96))
+    assert (ops.flushes, ops.syncs) == (3, 1)  # 3 chunks, one batch
+    assert wait_for_lookup(engine, tokens, 96) == 96
+    dst, dst_table = kv_views(), [1, 2, 3, 4, 5, 6]
+    engine.retrieve(tokens, kvcaches=dst, slot_mapping=slots(dst_table, 96))
+    assert ops.syncs == 2
+    for s, d in zip(src, dst):
+        assert torch.equal(d[dst_table].view(torch.int8), s[src_table].view(torch.int8))

@@ -27,6 +27,10 @@ class DeviceOps:
         """
         return self.device_type
 
+    def needs_staging(self, kv_device: torch.device, host_device: torch.device) -> bool:
+        """Whether KV blocks must pass through a device buffer on their way to or from host memory."""
+        return kv_device != host_device
+
     def pin_memory_available(self) -> bool:
         """Whether host buffers for this device should be page-locked."""
         return False

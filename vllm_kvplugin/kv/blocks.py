@@ -130,7 +130,9 @@ class PagedKVBlocks:
     def _pairs(self, block_ids: torch.Tensor, host: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(device tensor, host view shaped like its selected blocks) for each batched op."""
         n = block_ids.numel()
-        flat = _byte_view(host).reshape(-1)
+        if not host.is_contiguous():
+            raise ValueError("host buffer must be contiguous")  # a reshape would copy, and lose the data
+        flat = _byte_view(host).view(-1)
         if flat.numel() != n * self.block_bytes:
             raise ValueError(
                 f"host buffer holds {flat.numel()} bytes, {n} blocks need {n * self.block_bytes}"

@@ -59,41 +59,43 @@ class PortableGPUConnector(GPUConnectorInterface):
 
     def batched_from_gpu(self, memory_objs, starts, ends, **kwargs) -> None:
         """Store path: gather each chunk's blocks into its host object."""
-        blocks = self._blocks(kwargs)
-        slot_mapping = kwargs["slot_mapping"]
-        ops = device_ops(blocks.device.type)
-        for obj, start, end in zip(memory_objs, starts, ends, strict=True):
-            ids = self._block_ids(slot_mapping, start, end)
-            host = obj.tensor
-            if host.device == blocks.device:
-                blocks.gather(ids, host)
-            else:
-                staging = self._staging_for(blocks, host)
-                blocks.gather(ids, staging)
-                ops.flush()
-                host.view(-1).view(torch.int8).copy_(staging, non_blocking=True)
-            if self._use_mla:
+        self._transfer(memory_objs, starts, ends, kwargs, to_host=True)
+        if self._use_mla:
+            for obj in memory_objs:
                 obj.metadata.fmt = MemoryFormat.KV_MLA_FMT
-        if memory_objs and memory_objs[0].tensor.device != blocks.device:
-            ops.synchronize()  # once per batch: the host objects are handed on after we return
 
     def batched_to_gpu(self, memory_objs=None, starts=None, ends=None, **kwargs) -> None:
         """Retrieve path: scatter each host object into its chunk's blocks."""
+        self._transfer(memory_objs, starts, ends, kwargs, to_host=False)
+
+    def _transfer(self, memory_objs, starts, ends, kwargs, to_host: bool) -> None:
         blocks = self._blocks(kwargs)
         slot_mapping = kwargs["slot_mapping"]
         ops = device_ops(blocks.device.type)
+        staged = False
         for obj, start, end in zip(memory_objs, starts, ends, strict=True):
             ids = self._block_ids(slot_mapping, start, end)
             host = obj.tensor
-            if host.device == blocks.device:
-                blocks.scatter(ids, host)
+            if not ops.needs_staging(blocks.device, host.device):  # CPU: one copy, no staging
+                (blocks.gather if to_host else blocks.scatter)(ids, host)
+                continue
+            # Accelerators: whole blocks go through one reused device buffer. Chunks
+            # are queued in stream order, so reusing it between chunks is safe.
+            staged = True
+            staging = self._staging_for(blocks, host)
+            host_bytes = host.view(-1).view(torch.int8)
+            if to_host:
+                blocks.gather(ids, staging)
+                ops.flush()
+                host_bytes.copy_(staging, non_blocking=True)
             else:
-                staging = self._staging_for(blocks, host)
-                staging.copy_(host.view(-1).view(torch.int8), non_blocking=True)
+                staging.copy_(host_bytes, non_blocking=True)
                 blocks.scatter(ids, staging)
                 ops.flush()
-        if memory_objs and memory_objs[0].tensor.device != blocks.device:
-            ops.synchronize()  # LMCache frees the host objects when we return
+        if staged:
+            # Once per batch, not per chunk: LMCache hands on (store) or frees
+            # (retrieve) the host objects as soon as we return.
+            ops.synchronize()
 
     # -- helpers -----------------------------------------------------------
 
