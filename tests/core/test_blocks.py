@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm_kvplugin.bench.layouts import LAYOUTS
+from vllm_kvplugin.bench.layouts import vllm_style_views as unified_views
 from vllm_kvplugin.kv import PagedKVBlocks
 
-# vLLM's KVCacheLayout names: the physical order of logical dims [L, B, H, N, C].
-LAYOUTS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 
@@ -18,24 +18,6 @@ def random_bytes(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-128, 128, (nbytes,), dtype=torch.int8, generator=g).view(dtype)
-
-
-def unified_views(buffer: torch.Tensor, layout: str, L: int, B: int, H: int, N: int, C: int):
-    """Per-layer ``[B, H, N, C]`` views of one buffer, the way vLLM ≥0.30 builds them."""
-    sizes = dict(zip("LBHNC", (L, B, H, N, C)))
-    strides, acc = {}, 1
-    for dim in reversed(layout):
-        strides[dim] = acc
-        acc *= sizes[dim]
-    return [
-        torch.as_strided(
-            buffer,
-            (B, H, N, C),
-            (strides["B"], strides["H"], strides["N"], strides["C"]),
-            storage_offset=l * strides["L"],
-        )
-        for l in range(L)
-    ]
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -59,22 +41,45 @@ def unified_case(draw):
     return layout, dtype, (L, B, H, N, C), ids
 
 
+def physical_block_bytes(raw: torch.Tensor, byte_views, plane: int, block: int) -> torch.Tensor:
+    """A block's bytes in address order, computed independently of the mover.
+
+    ``byte_views`` are the same per-layer views built over a tensor holding each
+    byte's own address, so sorting a block's addresses gives its memory order.
+    """
+    return raw[byte_views[plane][block].reshape(-1).sort().values]
+
+
+WORDS = (torch.complex128, torch.int64, torch.int32)
+
+
 @settings(max_examples=150, deadline=None)
-@given(unified_case(), st.integers(0, 2**16))
-def test_unified_round_trip_is_byte_exact_and_touches_nothing_else(case, seed):
+@given(unified_case(), st.integers(0, 2**16), st.booleans())
+def test_unified_round_trip_is_byte_exact_and_touches_nothing_else(case, seed, wide):
     layout, dtype, dims, ids = case
     L, B, H, N, C = dims
-    src_views = unified_views(random_bytes(L * B * H * N * C, dtype, seed), layout, *dims)
+    elsize = torch.empty(0, dtype=dtype).element_size()
+    src_buf = random_bytes(L * B * H * N * C, dtype, seed)
+    src_views = unified_views(src_buf, layout, *dims)
     dst_views = unified_views(random_bytes(L * B * H * N * C, dtype, seed + 1), layout, *dims)
     before = [as_bytes(v).clone() for v in dst_views]
-    src, dst = PagedKVBlocks(src_views), PagedKVBlocks(dst_views)
-    assert src.fused  # every vLLM layout is one batched op
+    words = WORDS if wide else ()
+    src, dst = PagedKVBlocks(src_views, words), PagedKVBlocks(dst_views, words)
+    assert src.fused
+    if layout.startswith("LB") or (layout.startswith("BL") and L > 1):
+        # Every block of a layer is one dense run: one op over whole rows.
+        assert src.mode == ("plane-major rows" if layout.startswith("LB") else "block-major rows")
 
     block_ids = torch.tensor(ids)
     host = torch.empty(len(ids) * src.block_bytes, dtype=torch.int8)
     src.gather(block_ids, host)
-    # Host order is [layer, block, bytes of the block in logical (H, N, C) order].
-    expected = torch.cat([as_bytes(v[block_ids]).reshape(-1) for v in src_views])
+    raw = src_buf.view(torch.int8)
+    addresses = unified_views(torch.arange(raw.numel()), layout, L, B, H, N, C * elsize)
+    blocks = lambda pairs: torch.cat([physical_block_bytes(raw, addresses, p, b) for p, b in pairs])
+    if src.mode == "block-major rows":  # host order [n, L, block]
+        expected = blocks((l, b) for b in ids for l in range(L))
+    else:  # host order [L, n, block]
+        expected = blocks((l, b) for l in range(L) for b in ids)
     assert torch.equal(host, expected)
 
     dst.scatter(block_ids, host)
@@ -109,8 +114,9 @@ def test_gaudi_kv_tuples_round_trip(dtype, L, B, N, H, D, mla, data):
 
     src_layers, dst_layers = layers(0), layers(1000)
     snapshot = [[as_bytes(t).clone() for t in layer[:2] if t is not None] for layer in dst_layers]
-    src, dst = PagedKVBlocks(src_layers), PagedKVBlocks(dst_layers)
+    src, dst = PagedKVBlocks(src_layers, WORDS), PagedKVBlocks(dst_layers, WORDS)
     assert src.num_planes == L * (1 if mla else 2)
+    assert src.mode == ("per-plane" if src.num_planes > 1 else "plane-major rows")  # separate allocations
 
     block_ids = torch.tensor(ids)
     host = torch.empty(len(ids) * src.block_bytes, dtype=torch.int8)
@@ -143,11 +149,22 @@ def test_mla_views_round_trip():
 def test_unevenly_spaced_layers_fall_back_to_per_plane_moves():
     buffer = random_bytes(4 * 64, torch.float16, 3)
     views = [buffer[0:64].view(4, 1, 2, 8), buffer[128:192].view(4, 1, 2, 8), buffer[192:256].view(4, 1, 2, 8)]
-    blocks = PagedKVBlocks(views)
-    assert not blocks.fused
+    blocks = PagedKVBlocks(views, WORDS)
+    assert not blocks.fused and blocks.mode == "per-plane"
     host = torch.empty(2 * blocks.block_bytes, dtype=torch.int8)
     blocks.gather(torch.tensor([3, 1]), host)
     assert torch.equal(host, torch.cat([as_bytes(v[[3, 1]]).reshape(-1) for v in views]))
+
+
+def test_misaligned_host_buffer_falls_back_to_bytes_and_stays_exact():
+    views = unified_views(random_bytes(2 * 4 * 2 * 16 * 8, torch.bfloat16, 5), "LBHNC", 2, 4, 2, 16, 8)
+    blocks = PagedKVBlocks(views, WORDS)
+    ids = torch.tensor([2, 0])
+    aligned = torch.empty(2 * blocks.block_bytes, dtype=torch.int8)
+    blocks.gather(ids, aligned)
+    misaligned = torch.empty(2 * blocks.block_bytes + 1, dtype=torch.int8)[1:]  # odd address
+    blocks.gather(ids, misaligned)
+    assert torch.equal(misaligned, aligned)
 
 
 def test_bad_inputs_are_refused_with_a_clear_error():

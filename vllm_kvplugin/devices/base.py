@@ -31,6 +31,14 @@ class DeviceOps:
         """Whether KV blocks must pass through a device buffer on their way to or from host memory."""
         return kv_device != host_device
 
+    def word_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Element types the KV mover may view whole blocks as, widest first.
+
+        Index kernels cost per element, so wider words move blocks faster; only
+        types this device's ``index_select``/``index_copy_`` support belong here.
+        """
+        return (torch.int64, torch.int32, torch.int16)
+
     def pin_memory_available(self) -> bool:
         """Whether host buffers for this device should be page-locked."""
         return False

@@ -17,6 +17,10 @@ class CpuOps(DeviceOps):
         # AVX512, AMX, NEON...): bytes stored on one machine are garbage on another.
         return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
 
+    def word_dtypes(self) -> tuple[torch.dtype, ...]:
+        # 16-byte elements: CPU index kernels move them with one vector load/store each.
+        return (torch.complex128, torch.int64, torch.int32, torch.int16)
+
     def synchronize(self) -> None:
         """Nothing to wait for: CPU copies finish before they return."""
 

@@ -26,6 +26,12 @@ class HpuOps(DeviceOps):
         # vllm-gaudi reports pinned memory unavailable and keeps pageable buffers.
         return False
 
+    def word_dtypes(self):
+        import torch
+
+        # Gaudi's index_copy_ has no 64-bit integer kernel (bridge 1.19 operator table).
+        return (torch.int32, torch.int16)
+
     def flush(self) -> None:
         # Lazy mode accumulates ops into a graph until mark_step; without it the
         # index ops of a transfer would not run before the host reads the buffer.

@@ -9,37 +9,36 @@ in one of six model-wide ``KVCacheLayout`` permutations of ``[L, B, H, N, C]``;
 vllm-gaudi instead hands ``(K, V)`` tuples of ``[B, N, H, D]`` tensors per layer
 (REFERENCE §4). Either way, dimension 0 of every tensor ("plane") indexes
 blocks, and that is all this module assumes. The bytes inside a block are
-copied opaquely: vLLM-CPU packs K/V per ISA inside a block and ROCm packs head
-slots, so nothing here reads the last dimension as K‖V.
+copied opaquely, in the order they have in memory: vLLM-CPU packs K/V per ISA
+inside a block and ROCm packs head slots, so nothing here reads the last
+dimension as K‖V.
 
-Host-side byte order of ``n`` gathered blocks: when every plane is an equally
-spaced view of one storage with one shape and stride (every vLLM ≥0.30 layout,
-and the usual vllm-gaudi allocation), the planes are fused into a single
-``[P, B, ...]`` view and moved with one ``index_select``/``index_copy_``; the
-host buffer is then ``[P, n, block-bytes]``. Otherwise each plane is moved on
-its own into consecutive host segments, which is the same byte order.
+How a move is done (:class:`PagedKVBlocks` picks the first that applies):
+
+* **rows** — every plane is an equally spaced view of one storage and each
+  block of a plane is one dense run of bytes. The whole cache is then a 2-D
+  table of rows, and a move is one ``index_select``/``index_copy_`` of whole
+  rows: plane-major rows ``[P*B, block]`` for ``LB**`` layouts (host order
+  ``[P, n, block]``), block-major rows ``[B, P*block]`` for ``BL**`` layouts,
+  where a block is contiguous across all layers (host order ``[n, P, block]``).
+* **strided** — equally spaced planes whose blocks are not dense (``LHBNC``,
+  ``BHLNC``): one batched op over a ``[P, B, ...]`` view; host order ``[P, n, ...]``.
+* **per plane** — anything else (e.g. vllm-gaudi's separately allocated K and
+  V): one op per plane into consecutive host segments.
+
+Rows are moved as the widest element type that divides every size, stride and
+offset involved (``word_dtypes``, widest first; index kernels cost per element,
+so 16-byte words move 64 KiB blocks ~10x faster than bytes). The host buffer of
+a move may be any dense tensor of the right byte size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-Plane = torch.Tensor
 KVTensors = Sequence["torch.Tensor | Sequence[torch.Tensor | None]"]
-
-
-def _byte_view(plane: torch.Tensor) -> torch.Tensor:
-    """Reinterpret a plane as int8 (int8 rather than uint8: HPU's index ops lack uint8)."""
-    if plane.dtype == torch.int8:
-        return plane
-    if plane.stride(-1) != 1:
-        raise ValueError(
-            f"KV tensor with innermost stride {plane.stride(-1)} (shape {tuple(plane.shape)}): "
-            "the last dimension must be dense to be copied as bytes"
-        )
-    return plane.view(torch.int8)
 
 
 def flatten_planes(kv_caches: KVTensors) -> list[torch.Tensor]:
@@ -53,27 +52,43 @@ def flatten_planes(kv_caches: KVTensors) -> list[torch.Tensor]:
     return planes
 
 
-def _fuse(planes: list[torch.Tensor]) -> torch.Tensor | None:
-    """A single ``[P, B, ...]`` int8 view over all planes, if they are equally spaced in one storage."""
-    first = planes[0]
-    if any(
-        p.shape != first.shape
-        or p.stride() != first.stride()
-        or p.device != first.device
-        or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-        for p in planes
-    ):
-        return None
-    offsets = [p.storage_offset() for p in planes]
-    spacing = offsets[1] - offsets[0] if len(planes) > 1 else 0
-    if any(b - a != spacing for a, b in zip(offsets, offsets[1:])):
-        return None
-    return torch.as_strided(
-        first.new_empty(0).set_(first.untyped_storage()),
-        size=(len(planes), *first.shape),
-        stride=(spacing, *first.stride()),
-        storage_offset=offsets[0],
+def _physical_bytes(plane: torch.Tensor) -> torch.Tensor:
+    """The plane as bytes, block dim first and the rest in memory order (outermost first)."""
+    if plane.stride(-1) != 1:
+        raise ValueError(
+            f"KV tensor with innermost stride {plane.stride(-1)} (shape {tuple(plane.shape)}): "
+            "the last dimension must be dense to be copied as bytes"
+        )
+    as_bytes = plane if plane.element_size() == 1 else plane.view(torch.int8)
+    # Size-1 dims (any stride) go outermost, so the dense byte dim stays last.
+    inner = sorted(
+        range(1, as_bytes.dim()),
+        key=lambda d: as_bytes.stride(d) if as_bytes.shape[d] > 1 else float("inf"),
+        reverse=True,
     )
+    return as_bytes.permute(0, *inner).view(torch.int8)
+
+
+def _is_dense(t: torch.Tensor, first_dim: int) -> bool:
+    """Whether dims ``first_dim..`` of ``t`` are one dense run in memory."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[first_dim:]), reversed(t.stride()[first_dim:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _word_view(t: torch.Tensor, word: torch.dtype) -> torch.Tensor | None:
+    """``t`` (int8, last dim dense) reinterpreted as ``word``, or None if sizes or alignment forbid."""
+    w = torch.empty(0, dtype=word).element_size()
+    aligned = (
+        t.shape[-1] % w == 0
+        and t.storage_offset() % w == 0
+        and t.data_ptr() % w == 0
+        and all(s % w == 0 for s in t.stride()[:-1])
+    )
+    return t.view(word) if aligned else None
 
 
 class PagedKVBlocks:
@@ -82,14 +97,16 @@ class PagedKVBlocks:
     Args:
         kv_caches: per-layer KV tensors in the order vLLM registered them; each a
             tensor whose dim 0 is the block index, or a ``(K, V, ...)`` tuple.
+        word_dtypes: element types a move may use, widest first; the device
+            module says which its index kernels support. ``int8`` always works.
 
     Raises:
         ValueError: if the tensors disagree on the number of blocks or device, or
             a tensor's innermost dimension is not dense.
     """
 
-    def __init__(self, kv_caches: KVTensors):
-        planes = [_byte_view(p) for p in flatten_planes(kv_caches)]
+    def __init__(self, kv_caches: KVTensors, word_dtypes: Sequence[torch.dtype] = (torch.int8,)):
+        planes = [_physical_bytes(p) for p in flatten_planes(kv_caches)]
         if not planes:
             raise ValueError("no KV tensors were registered")
         self.device = planes[0].device
@@ -103,7 +120,10 @@ class PagedKVBlocks:
         self._planes = planes
         self._plane_block_bytes = [p[0].numel() for p in planes]
         self.block_bytes = sum(self._plane_block_bytes)
-        self._fused = _fuse(planes)
+        self._word_dtypes = tuple(word_dtypes) + (torch.int8,)
+        self._fused = self._fuse(planes)
+        self.mode = self._mode()
+        self._cache: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
 
     @property
     def num_planes(self) -> int:
@@ -116,32 +136,93 @@ class PagedKVBlocks:
 
     def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
         """Copy blocks ``block_ids`` of every plane into ``out`` (dense, ``len(ids) * block_bytes`` bytes)."""
-        for src, dst in self._pairs(block_ids, out):
-            torch.index_select(src, self._block_dim(src), block_ids, out=dst)
+        for src, dim, index, dst in self._moves(block_ids, out):
+            torch.index_select(src, dim, index, out=dst)
 
     def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
         """Copy ``src`` (as produced by :meth:`gather`) into blocks ``block_ids``; other blocks are untouched."""
-        for dst, data in self._pairs(block_ids, src):
-            dst.index_copy_(self._block_dim(dst), block_ids, data)
+        for dst, dim, index, data in self._moves(block_ids, src):
+            dst.index_copy_(dim, index, data)
 
-    def _block_dim(self, t: torch.Tensor) -> int:
-        return 1 if t is self._fused else 0
+    # -- planning -------------------------------------------------------
 
-    def _pairs(self, block_ids: torch.Tensor, host: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """(device tensor, host view shaped like its selected blocks) for each batched op."""
+    @staticmethod
+    def _fuse(planes: list[torch.Tensor]) -> torch.Tensor | None:
+        """One ``[P, B, ...]`` view over all planes, if they are equally spaced in one storage."""
+        first = planes[0]
+        if any(
+            p.shape != first.shape
+            or p.stride() != first.stride()
+            or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            for p in planes
+        ):
+            return None
+        offsets = [p.storage_offset() for p in planes]
+        spacing = offsets[1] - offsets[0] if len(planes) > 1 else 0
+        if any(b - a != spacing for a, b in zip(offsets, offsets[1:])):
+            return None
+        return torch.as_strided(
+            first.new_empty(0).set_(first.untyped_storage()),
+            size=(len(planes), *first.shape),
+            stride=(spacing, *first.stride()),
+            storage_offset=offsets[0],
+        )
+
+    def _mode(self) -> str:
+        fused = self._fused
+        if fused is None:
+            return "per-plane"
+        if not _is_dense(fused, 2):
+            return "strided"
+        num_planes, num_blocks, block = fused.shape[0], fused.shape[1], fused[0, 0].numel()
+        plane_stride, block_stride = fused.stride(0), fused.stride(1)
+        if block_stride == block and (num_planes == 1 or plane_stride == num_blocks * block_stride):
+            return "plane-major rows"
+        if block_stride == num_planes * plane_stride and plane_stride == block:
+            return "block-major rows"
+        return "strided"
+
+    def _device_views(self, word: torch.dtype) -> tuple[torch.Tensor, ...] | None:
+        """The KV side of a move as ``word`` elements: rows, the fused view, or the planes."""
+        if word not in self._cache:
+            fused = self._fused
+            if self.mode == "plane-major rows":  # [P*B, block]; view() (never a copy) or fail
+                views = (_word_view(fused.view(fused.shape[0] * fused.shape[1], -1), word),)
+            elif self.mode == "block-major rows":  # [B, P*block]
+                views = (_word_view(fused.transpose(0, 1).view(fused.shape[1], -1), word),)
+            elif self.mode == "strided":
+                views = (_word_view(self._fused, word),)
+            else:
+                views = tuple(_word_view(p, word) for p in self._planes)
+            self._cache[word] = None if any(v is None for v in views) else views
+        return self._cache[word]
+
+    def _moves(self, block_ids: torch.Tensor, host: torch.Tensor):
+        """``(device view, dim, index, host view)`` for each batched op of a move."""
         n = block_ids.numel()
         if not host.is_contiguous():
             raise ValueError("host buffer must be contiguous")  # a reshape would copy, and lose the data
-        flat = _byte_view(host).view(-1)
+        flat = (host if host.element_size() == 1 else host.view(torch.int8)).view(-1)
         if flat.numel() != n * self.block_bytes:
-            raise ValueError(
-                f"host buffer holds {flat.numel()} bytes, {n} blocks need {n * self.block_bytes}"
-            )
-        if self._fused is not None:
-            inner = self._fused.shape[2:]
-            yield self._fused, flat.view(self.num_planes, n, *inner)
-            return
-        offset = 0
-        for plane, nbytes in zip(self._planes, self._plane_block_bytes):
-            yield plane, flat[offset : offset + n * nbytes].view(n, *plane.shape[1:])
-            offset += n * nbytes
+            raise ValueError(f"host buffer holds {flat.numel()} bytes, {n} blocks need {n * self.block_bytes}")
+        for word in self._word_dtypes:
+            views, host_words = self._device_views(word), _word_view(flat, word)
+            if views is not None and host_words is not None:
+                break
+        if self.mode == "plane-major rows":
+            (rows,) = views
+            planes = torch.arange(self.num_planes, device=block_ids.device) * self.num_blocks
+            index = (planes[:, None] + block_ids[None, :]).flatten()
+            yield rows, 0, index, host_words.view(index.numel(), -1)
+        elif self.mode == "block-major rows":
+            (rows,) = views
+            yield rows, 0, block_ids, host_words.view(n, -1)
+        elif self.mode == "strided":
+            (fused,) = views
+            yield fused, 1, block_ids, host_words.view(fused.shape[0], n, *fused.shape[2:])
+        else:
+            offset = 0
+            for plane in views:
+                size = n * plane[0].numel()
+                yield plane, 0, block_ids, host_words[offset : offset + size].view(n, *plane.shape[1:])
+                offset += size

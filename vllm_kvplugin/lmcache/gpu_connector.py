@@ -24,6 +24,11 @@ from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.kv import PagedKVBlocks
 
 
+def _device_type(kv_caches) -> str:
+    first = kv_caches[0]
+    return (first if isinstance(first, torch.Tensor) else first[0]).device.type
+
+
 class PortableGPUConnector(GPUConnectorInterface):
     """Moves LMCache chunks as whole vLLM blocks, on any torch device.
 
@@ -102,7 +107,7 @@ class PortableGPUConnector(GPUConnectorInterface):
     def register(self, kv_caches) -> PagedKVBlocks:
         """Describe the worker's KV tensors (vLLM's ``register_kv_caches`` values)."""
         kv_caches = list(kv_caches)
-        self.blocks = PagedKVBlocks(kv_caches)
+        self.blocks = PagedKVBlocks(kv_caches, device_ops(_device_type(kv_caches)).word_dtypes())
         self._registered = tuple(map(id, kv_caches))
         expected = self.get_shape(self.block_size).numel() * self._element_size()
         if self.blocks.block_bytes != expected:

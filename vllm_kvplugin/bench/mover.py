@@ -1,0 +1,113 @@
+# SPDX-License-Identifier: Apache-2.0
+"""P1: the KV mover's store (blocks -> host) and load (host -> blocks) against a plain ``copy_``.
+
+Runs in the benchmarking process, on CPU tensors shaped like a real model's KV.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvplugin.bench.layouts import vllm_style_views
+from vllm_kvplugin.devices import device_ops
+from vllm_kvplugin.kv import PagedKVBlocks
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """Per-rank KV of a model: Llama-3.1-8B by default (32 layers, 8 KV heads, head 128, bf16)."""
+
+    layers: int = 32
+    kv_heads: int = 8
+    head_size: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of one block of one layer (K and V)."""
+        return self.kv_heads * block_size * 2 * self.head_size * torch.empty(0, dtype=self.dtype).element_size()
+
+
+@dataclass
+class MoverResult:
+    layout: str
+    block_size: int
+    mode: str
+    chunk_mib: float
+    copy_gbps: float
+    store_ratio: float
+    load_ratio: float
+    store_ratio_hot: float
+    load_ratio_hot: float
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_mover(
+    layouts: Iterable[str] = ("LBHNC", "BLHNC"),
+    block_sizes: Iterable[int] = (16, 128),
+    shape: KVShape = KVShape(),
+    chunk_tokens: int = 256,
+    cache_gib: float = 1.0,
+    rounds: int = 30,
+    word_dtypes: tuple[torch.dtype, ...] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> list[MoverResult]:
+    """Time store and load of one LMCache chunk's blocks, interleaved with a ``copy_`` of as many bytes.
+
+    Each round picks fresh random block ids. A ratio is ``copy_`` time / mover time
+    (median over rounds): 1.0 means the mover moves whole blocks as fast as memory copies.
+
+    Two baselines: ``copy_`` of a random contiguous slice of the same KV buffer
+    into the same host buffer (the bytes come from memory, as the mover's do), and
+    ``copy_`` between two fixed buffers (``*_hot``), which on a machine whose L3
+    holds much of a chunk partly runs from cache.
+    """
+    words = word_dtypes if word_dtypes is not None else device_ops("cpu").word_dtypes()
+    results = []
+    for layout in layouts:
+        for block_size in block_sizes:
+            block = shape.block_bytes(block_size)
+            num_blocks = max(4 * chunk_tokens // block_size, int(cache_gib * 2**30) // (shape.layers * block))
+            element = torch.empty(0, dtype=shape.dtype).element_size()
+            buffer = torch.randint(-128, 128, (shape.layers * num_blocks * block,), dtype=torch.int8)
+            views = vllm_style_views(
+                buffer.view(shape.dtype), layout, shape.layers, num_blocks, shape.kv_heads, block_size,
+                block // (shape.kv_heads * block_size * element),
+            )
+            blocks = PagedKVBlocks(views, words)
+            n = chunk_tokens // block_size
+            host = torch.empty(n * blocks.block_bytes, dtype=torch.int8)
+            a, b = torch.empty_like(host), torch.empty_like(host)
+            rows = {"copy": [], "store": [], "load": [], "store_hot": [], "load_hot": []}
+            slices = buffer.numel() // host.numel()
+            for r in range(rounds + 1):
+                ids = torch.randperm(num_blocks)[:n]
+                cold = buffer.view(slices, -1)[int(torch.randint(slices, ()))] if slices > 1 else buffer
+                t_cold = _seconds(lambda: a.copy_(cold[: host.numel()]))
+                t_hot = _seconds(lambda: a.copy_(b))
+                t_store = _seconds(lambda: blocks.gather(ids, host))
+                t_load = _seconds(lambda: blocks.scatter(ids, host))
+                if r:  # round 0 warms caches and allocators
+                    rows["copy"].append(t_cold)
+                    rows["store"].append(t_cold / t_store)
+                    rows["load"].append(t_cold / t_load)
+                    rows["store_hot"].append(t_hot / t_store)
+                    rows["load_hot"].append(t_hot / t_load)
+            med = {k: statistics.median(v) for k, v in rows.items()}
+            results.append(
+                MoverResult(
+                    layout, block_size, blocks.mode, host.numel() / 2**20, host.numel() / med["copy"] / 1e9,
+                    med["store"], med["load"], med["store_hot"], med["load_hot"],
+                )
+            )
+            progress(f"mover {layout} block {block_size}: store {results[-1].store_ratio:.0%}, load {results[-1].load_ratio:.0%} of copy_")
+    return results
