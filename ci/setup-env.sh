@@ -30,4 +30,4 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
   pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "$STACK" > "$STAMP"
 fi
-pip install -q -e ".[test]"
+pip install -q -e ".[test,bench]"

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import platform
+import sys
 from pathlib import Path
+
+BENCHES = ("mover", "ttft", "miss", "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,13 +17,55 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="serve a locally generated model with the connector; show KV reuse")
     demo.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
     demo.add_argument("--prompt-tokens", type=int, default=3000)
+    bench = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
+    bench.add_argument("which", nargs="*", choices=(*BENCHES, "all"), default=["all"])
+    bench.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    bench.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from vllm_kvplugin.demo import main_job
 
         return main_job.run(args.workdir, args.prompt_tokens)
-    return 2
+    return run_bench(set(BENCHES) if "all" in args.which else set(args.which), args)
+
+
+def run_bench(which: set[str], args) -> int:
+    """Run the chosen benchmarks, print Markdown, write ``bench.md`` (and ``ttft.png``) under ``--out``."""
+    from vllm_kvplugin.bench import report
+
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    sections = [f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+                f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}."]
+    if "mover" in which:
+        from vllm_kvplugin.bench import mover
+
+        sections.append(report.mover_table(mover.bench_mover(progress=progress)))
+    if which & {"ttft", "miss"}:
+        from vllm_kvplugin.bench import serving
+
+        lengths, miss, floors = serving.run(
+            args.out / "serving", args.lengths, args.repeats, ttft="ttft" in which, miss="miss" in which,
+            progress=progress,
+        )
+        if "ttft" in which:
+            sections.append(report.ttft_table(lengths, floors))
+            plot = report.ttft_plot(lengths, args.out / "ttft.png")
+            sections.append(f"![TTFT vs context length]({plot.name})")
+        sections.append(report.miss_table(lengths, miss))
+    if "scaling" in which:
+        from vllm_kvplugin.bench import scaling
+
+        sections.append(report.scaling_table(scaling.run(progress=progress)))
+    text = "\n\n".join(sections) + "\n"
+    (args.out / "bench.md").write_text(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

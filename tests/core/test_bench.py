@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The benchmark functions behind ``vllm-kvplugin bench`` run and report what they measured.
+
+No timing is asserted here (these machines are noisy); exactness and structure are.
+"""
+
+import torch
+
+from vllm_kvplugin.bench import report
+from vllm_kvplugin.bench.mover import KVShape, bench_mover
+from vllm_kvplugin.bench.serving import Floors, LengthResult, MissResult
+
+
+def test_mover_bench_reports_every_layout_and_block_size():
+    results = bench_mover(
+        layouts=("LBHNC", "BLHNC", "LHBNC"), block_sizes=(16, 32), shape=KVShape(layers=2, kv_heads=2, head_size=16),
+        chunk_tokens=64, cache_gib=0.01, rounds=2,
+    )
+    assert [(r.layout, r.block_size) for r in results] == [
+        ("LBHNC", 16), ("LBHNC", 32), ("BLHNC", 16), ("BLHNC", 32), ("LHBNC", 16), ("LHBNC", 32)]
+    assert {r.mode for r in results} == {"plane-major rows", "block-major rows", "strided"}
+    assert all(r.store_ratio > 0 and r.load_ratio > 0 and r.copy_gbps > 0 for r in results)
+    assert "| LBHNC | 16 | plane-major rows |" in report.mover_table(results)
+
+
+def test_context_scaling_round_trips_bit_exact_through_lmcache():
+    from vllm_kvplugin.bench import scaling
+
+    (result,) = scaling.run(token_counts=(2048,), progress=lambda msg: None)
+    assert result.bit_exact and result.hit_tokens == 2048
+    assert result.peak_rss_mib > 0
+    assert "| 2048 | 4 |" in report.scaling_table([result])
+
+
+def test_serving_report_and_plot(tmp_path):
+    results = [
+        LengthResult(1024, [0.2], [0.03], [0.21], [0.035], [0.06], [0.002], [0.012], 1023),
+        LengthResult(4096, [1.1], [0.05], [1.05], [0.06], [], [0.004], [], 4095, "ExampleConnector failed: boom"),
+    ]
+    miss = MissResult({"no connector": 0.2, "LMCachePortableConnector": 0.21},
+                      {"no connector": 100.0, "LMCachePortableConnector": 99.0},
+                      {"no connector": 0.010, "LMCachePortableConnector": 0.0102})
+    table = report.ttft_table(results, Floors(ours_s=0.02, example_s=0.02))
+    assert "| 1024 | 200 | 30 | 35 | 60 |" in table and "ExampleConnector failed: boom" in table
+    assert "| 2.0 / 12.0 | 6.0x (yes) |" in table
+    assert "0.990x" in report.miss_table(results, miss)
+    png = report.ttft_plot(results, tmp_path / "ttft.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
