@@ -91,8 +91,9 @@ def bench_mover(
             slices = buffer.numel() // host.numel()
             for r in range(rounds + 1):
                 ids = torch.randperm(num_blocks)[:n]
-                cold = buffer.view(slices, -1)[int(torch.randint(slices, ()))] if slices > 1 else buffer
-                t_cold = _seconds(lambda: a.copy_(cold[: host.numel()]))
+                offset = int(torch.randint(slices, ())) * host.numel()
+                cold = buffer[offset : offset + host.numel()]
+                t_cold = _seconds(lambda: a.copy_(cold))
                 t_hot = _seconds(lambda: a.copy_(b))
                 t_store = _seconds(lambda: blocks.gather(ids, host))
                 t_load = _seconds(lambda: blocks.scatter(ids, host))
