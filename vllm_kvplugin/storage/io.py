@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""I/O engines for chunk files: O_DIRECT POSIX where the filesystem allows it, buffered elsewhere.
+
+Runs in the vLLM worker process (the storage tier's I/O threads; each thread
+has its own aligned staging buffer).
+
+O_DIRECT bypasses the page cache, so chunk traffic neither evicts the hosts's
+other caches nor double-buffers multi-GB KV; it needs every buffer address,
+file offset and length aligned (statx ``STATX_DIOALIGN`` where the kernel
+reports it, 4 KiB otherwise). Writes go to a temporary name and are renamed
+into place, so a reader sees a whole file or none; a file cut short by a crash
+or a full disk fails its length or checksum check and is treated as a miss.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+
+from vllm_kvplugin.storage.format import ALIGN, HEADER_SIZE, ChunkHeader, ChunkRejected, aligned, check_payload, decode_header
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+@dataclass(frozen=True)
+class DioAlignment:
+    memory: int
+    offset: int
+
+
+def dio_alignment(path: str) -> DioAlignment | None:
+    """What O_DIRECT needs on ``path``'s filesystem (statx), or None if the kernel does not say."""
+    STATX_DIOALIGN, AT_FDCWD = 0x2000, -100
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.statx(AT_FDCWD, os.fsencode(path), 0, STATX_DIOALIGN, buf) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    mem, offset = int.from_bytes(buf.raw[0x98:0x9C], "little"), int.from_bytes(buf.raw[0x9C:0xA0], "little")
+    if not mask & STATX_DIOALIGN or not offset:
+        return None
+    return DioAlignment(mem, offset)
+
+
+class _Staging(threading.local):
+    """A page-aligned buffer per thread, grown on demand and reused."""
+
+    buf: mmap.mmap | None = None
+
+    def get(self, size: int) -> memoryview:
+        if self.buf is None or len(self.buf) < size:
+            self.buf = mmap.mmap(-1, aligned(size))  # anonymous mappings are page-aligned
+        return memoryview(self.buf)[:size]
+
+
+class PosixIO:
+    """Chunk files through ``pwrite``/``pread``, with O_DIRECT or through the page cache."""
+
+    def __init__(self, direct: bool):
+        self.direct = direct and bool(_O_DIRECT)
+        self.name = "posix-odirect" if self.direct else "posix-buffered"
+        self._staging = _Staging()
+
+    def write(self, path: str, header: bytes, payload: memoryview) -> None:
+        """Write ``header`` + ``payload`` (padded) to ``path`` atomically."""
+        total = HEADER_SIZE + aligned(len(payload))
+        buf = self._staging.get(total)
+        buf[:HEADER_SIZE] = header
+        buf[HEADER_SIZE : HEADER_SIZE + len(payload)] = payload
+        buf[HEADER_SIZE + len(payload) :] = bytes(total - HEADER_SIZE - len(payload))
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if self.direct else 0), 0o600)
+        try:
+            written = os.pwrite(fd, buf, 0)
+            if written != total:
+                raise OSError(errno.EIO, f"short write ({written} of {total} bytes)", tmp)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+
+    def read(self, path: str, expected_key: str) -> tuple[ChunkHeader, memoryview]:
+        """The verified header and payload of ``path`` (payload valid until this thread's next read).
+
+        Raises:
+            ChunkRejected: the file is not a whole, intact chunk of ``expected_key``.
+            OSError: the file cannot be read (missing, permissions, I/O error).
+        """
+        fd = os.open(path, os.O_RDONLY | (_O_DIRECT if self.direct else 0))
+        try:
+            head = self._staging.get(HEADER_SIZE)
+            if os.preadv(fd, [head], 0) != HEADER_SIZE:
+                raise ChunkRejected("truncated header")
+            header = decode_header(head, expected_key)
+            size = aligned(header.payload_len)
+            buf = self._staging.get(size)
+            got = os.preadv(fd, [buf], HEADER_SIZE)
+        finally:
+            os.close(fd)
+        if got < header.payload_len:
+            raise ChunkRejected(f"truncated payload ({got} of {header.payload_len} bytes)")
+        payload = buf[: header.payload_len]
+        check_payload(header, payload)
+        return header, payload
+
+
+def choose_io(directory: str) -> PosixIO:
+    """O_DIRECT if ``directory``'s filesystem accepts it at our 4 KiB alignment, buffered otherwise."""
+    if not _O_DIRECT:
+        return PosixIO(direct=False)
+    probe = os.path.join(directory, f".kvplugin-probe-{uuid.uuid4().hex}")
+    engine = PosixIO(direct=True)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # Kernels report DIO alignment for regular files only, hence on the probe.
+        alignment = dio_alignment(probe)
+        if alignment is not None and (ALIGN % alignment.offset or ALIGN % max(alignment.memory, 1)):
+            return PosixIO(direct=False)  # the device wants coarser alignment than the format's
+        fd = os.open(probe, os.O_WRONLY | _O_DIRECT)
+        try:
+            os.pwrite(fd, engine._staging.get(ALIGN), 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return PosixIO(direct=False)  # filesystems without O_DIRECT
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+    return engine
