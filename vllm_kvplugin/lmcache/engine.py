@@ -32,6 +32,13 @@ from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 logger = init_logger(__name__)
 
 _EXTRA_PREFIX = "lmcache."
+_OUR_PREFIX = "kvplugin."
+# Our own keys in kv_connector_extra_config; any other "kvplugin.*" key is a typo.
+_OUR_KEYS = {
+    "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
+    "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
+    "kvplugin.directio.io_threads": "writer threads (default 2)",
+}
 
 
 def prepare_config(vllm_config) -> LMCacheEngineConfig:
@@ -47,8 +54,27 @@ def prepare_config(vllm_config) -> LMCacheEngineConfig:
     for key, value in extra.items():
         if key.startswith(_EXTRA_PREFIX):
             validate_and_set_config_value(config, key[len(_EXTRA_PREFIX):], value)
+    unknown = sorted(k for k in extra if k.startswith(_OUR_PREFIX) and k not in _OUR_KEYS)
+    if unknown:
+        valid = "; ".join(f"{k}: {doc}" for k, doc in _OUR_KEYS.items())
+        raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
+    if "kvplugin.directio.path" in extra:
+        _enable_directio(config, extra)
     check_supported(config, vllm_config.cache_config.block_size)
     return config
+
+
+def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
+    """Add the direct-I/O tier to LMCache's storage plugins, as LMCache YAML users would by hand."""
+    from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, plugin_config
+
+    tier = plugin_config(
+        str(extra["kvplugin.directio.path"]), float(extra.get("kvplugin.directio.max_size_gb", 10))
+    )
+    if "kvplugin.directio.io_threads" in extra:
+        tier["extra_config"]["kvplugin.directio.io_threads"] = int(extra["kvplugin.directio.io_threads"])
+    config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
+    config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
 
 
 def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:

@@ -17,6 +17,7 @@ which the tier treats as a miss (and removes the file)::
     28      4     ndim (u32, ≤ 8)
     32      64    shape (8 × u64)
     96      2+n   dtype name, UTF-8, length-prefixed (u16)
+    …       2+n   memory format (LMCache's ``MemoryFormat`` name), length-prefixed
     …       2+n   layout fingerprint, length-prefixed
     …       2+n   full cache key, length-prefixed
     …             zero padding to 4096
@@ -50,6 +51,7 @@ class ChunkHeader:
     fingerprint: str
     payload_len: int
     payload_crc: int
+    memory_format: str = ""
 
 
 def aligned(n: int) -> int:
@@ -86,7 +88,7 @@ def encode_header(header: ChunkHeader) -> bytes:
         raise ValueError(f"shape {header.shape} has more than {_MAX_NDIM} dimensions")
     shape = list(header.shape) + [0] * (_MAX_NDIM - len(header.shape))
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, header.payload_len, header.payload_crc, len(header.shape), *shape)
-    body = fixed + _text(header.dtype) + _text(header.fingerprint) + _text(header.key)
+    body = fixed + b"".join(_text(t) for t in (header.dtype, header.memory_format, header.fingerprint, header.key))
     if len(body) > HEADER_SIZE:
         raise ValueError(f"cache key too long for a {HEADER_SIZE}-byte header ({len(body)} bytes)")
     raw = bytearray(body.ljust(HEADER_SIZE, b"\0"))
@@ -115,16 +117,16 @@ def decode_header(raw: bytes, expected_key: str | None = None) -> ChunkHeader:
         raise ChunkRejected(f"bad ndim {ndim}")
     fields, offset = [], _FIXED.size
     try:
-        for _ in range(3):
+        for _ in range(4):
             (length,) = struct.unpack_from("<H", raw, offset)
             fields.append(raw[offset + 2 : offset + 2 + length].decode())
             offset += 2 + length
     except (struct.error, UnicodeDecodeError) as e:  # a checksum is not a signature: stay defensive
         raise ChunkRejected(f"malformed header fields: {e}") from e
-    dtype, fingerprint, key = fields
+    dtype, memory_format, fingerprint, key = fields
     if expected_key is not None and key != expected_key:
         raise ChunkRejected("file holds a different cache key")
-    return ChunkHeader(key, dtype, tuple(shape[:ndim]), fingerprint, payload_len, payload_crc)
+    return ChunkHeader(key, dtype, tuple(shape[:ndim]), fingerprint, payload_len, payload_crc, memory_format)
 
 
 def check_payload(header: ChunkHeader, payload) -> None:

@@ -71,6 +71,7 @@ class PosixIO:
 
     def write(self, path: str, header: bytes, payload: memoryview) -> None:
         """Write ``header`` + ``payload`` (padded) to ``path`` atomically."""
+        payload = memoryview(payload).cast("B") if memoryview(payload).format != "B" else payload
         total = HEADER_SIZE + aligned(len(payload))
         buf = self._staging.get(total)
         buf[:HEADER_SIZE] = header

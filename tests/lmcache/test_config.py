@@ -1,0 +1,39 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Startup validation of the connector's configuration (what the engine core and workers run first)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_kvplugin.lmcache.engine import check_supported, prepare_config
+
+
+def vllm_config(extra, block_size=32):
+    return SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+        cache_config=SimpleNamespace(block_size=block_size),
+    )
+
+
+def test_a_misspelt_plugin_key_names_itself_and_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        prepare_config(vllm_config({"kvplugin.directio.pth": "/cache"}))
+    message = str(err.value)
+    assert "kvplugin.directio.pth" in message and "kvplugin.directio.path" in message
+
+
+@pytest.mark.parametrize(
+    "settings, problem",
+    [
+        ({"chunk_size": 100}, "not a multiple of vLLM's block_size=32"),
+        ({"save_unfull_chunk": True}, "save_unfull_chunk"),
+        ({"use_layerwise": True}, "use_layerwise"),
+        ({"enable_blending": True}, "CacheBlend"),
+    ],
+)
+def test_settings_that_would_move_partial_blocks_are_refused(settings, problem):
+    config = SimpleNamespace(chunk_size=256, save_unfull_chunk=False, use_layerwise=False, enable_blending=False)
+    for key, value in settings.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=problem):
+        check_supported(config, 32)

@@ -1,0 +1,195 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LMCache storage plugin: KV chunks in checksummed files, written and read with O_DIRECT.
+
+Runs in the vLLM worker process, inside LMCache's storage manager. Writes run
+on a small thread pool, so a store returns as soon as its chunks are queued;
+reads are synchronous (LMCache's ``get_blocking``). Selected through
+LMCache's plugin mechanism (``storage_plugins: ["kvplugin_directio"]``); the
+portable connector wires that for the user from two keys of
+``kv_connector_extra_config`` (see :func:`plugin_config`).
+
+Whatever a file holds, a bad one is a miss, never bytes: a header or payload
+that fails its checks is deleted and ``get_blocking`` returns ``None``. A
+store that cannot be written (full disk, permissions, I/O error) is logged
+and skipped; serving continues.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from lmcache.logging import init_logger
+from lmcache.v1.memory_management import MemoryFormat
+from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
+
+from vllm_kvplugin.storage.directory import ChunkDirectory
+from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
+from vllm_kvplugin.storage.io import choose_io
+
+logger = init_logger(__name__)
+
+PLUGIN_NAME = "kvplugin_directio"
+PATH_KEY = "kvplugin.directio.path"
+SIZE_KEY = "kvplugin.directio.max_size_gb"
+_THREADS_KEY = "kvplugin.directio.io_threads"
+
+
+def plugin_config(path: str, max_size_gb: float) -> dict:
+    """LMCache config entries that select this tier (what LMCache YAML users write by hand)."""
+    return {
+        "storage_plugins": [PLUGIN_NAME],
+        "extra_config": {
+            f"storage_plugin.{PLUGIN_NAME}.module_path": __name__,
+            f"storage_plugin.{PLUGIN_NAME}.class_name": "DirectIOBackend",
+            PATH_KEY: path,
+            SIZE_KEY: max_size_gb,
+        },
+    }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bytes_view(buffer) -> memoryview:
+    """A flat unsigned-byte view of ``buffer`` (LMCache's ``byte_array`` may carry another format)."""
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _parse_layout(dtype_name: str, fmt_name: str) -> tuple[torch.dtype, MemoryFormat]:
+    """The dtype and memory format a header names, refusing anything else a file might claim."""
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype) or fmt_name not in MemoryFormat.__members__:
+        raise ChunkRejected(f"unknown dtype or memory format {dtype_name!r}/{fmt_name!r}")
+    return dtype, MemoryFormat[fmt_name]
+
+
+class DirectIOBackend(StoragePluginInterface):
+    """A local or shared directory of chunk files as an LMCache tier."""
+
+    def __init__(self, dst_device="cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
+        super().__init__(dst_device, config, metadata, local_cpu_backend, loop)
+        extra = config.extra_config or {}
+        if PATH_KEY not in extra:
+            raise ValueError(f"{PLUGIN_NAME}: set extra_config[{PATH_KEY!r}] to a directory")
+        self.directory = ChunkDirectory(str(extra[PATH_KEY]), round(float(extra.get(SIZE_KEY, 10)) * 1e9))
+        self.io = choose_io(self.directory.root)
+        self.fingerprint = metadata.model_name if metadata is not None else ""
+        self._pool = ThreadPoolExecutor(int(extra.get(_THREADS_KEY, 2)), thread_name_prefix="kvplugin-io")
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        logger.info("%s: %s in %s (%.1f GB budget, %d files indexed)", PLUGIN_NAME, self.io.name,
+                    self.directory.root, self.directory.capacity_bytes / 1e9, len(self.directory._index))
+
+    def __str__(self) -> str:
+        return PLUGIN_NAME
+
+    # -- lookup -----------------------------------------------------------
+
+    def contains(self, key, pin: bool = False) -> bool:
+        found = self.directory.lookup(key.to_string()) is not None
+        if found and pin:
+            self.pin(key)
+        return found
+
+    def exists_in_put_tasks(self, key) -> bool:
+        with self._lock:
+            return key.to_string() in self._pending
+
+    def pin(self, key) -> bool:
+        self.directory.pin(key.to_string(), +1)
+        return True
+
+    def unpin(self, key) -> bool:
+        self.directory.pin(key.to_string(), -1)
+        return True
+
+    # -- store --------------------------------------------------------------
+
+    def batched_submit_put_task(self, keys, objs, transfer_spec=None, on_complete_callback=None):
+        futures = []
+        for key, obj in zip(keys, objs):
+            name = key.to_string()
+            with self._lock:
+                if name in self._pending:
+                    continue
+                obj.ref_count_up()  # LMCache drops its reference when this returns
+                future = self._pool.submit(self._write, key, name, obj, on_complete_callback)
+                self._pending[name] = future
+            futures.append(future)
+        return futures
+
+    def _write(self, key, name: str, obj, on_complete) -> None:
+        reserved = 0
+        try:
+            payload = _bytes_view(obj.byte_array)
+            header = ChunkHeader(
+                name, _dtype_name(obj.metadata.dtype), tuple(obj.metadata.shape), self.fingerprint,
+                len(payload), crc32c(payload), obj.metadata.fmt.name,
+            )
+            reserved = self.directory.file_size(len(payload))
+            self.directory.reserve(reserved)
+            path = self.directory.path_for(name)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            self.io.write(path, encode_header(header), payload)
+            self.directory.commit(name, reserved)
+            reserved = 0
+            if on_complete is not None:
+                on_complete(key)
+        except OSError as e:  # ENOSPC, EACCES, EIO: this chunk is not stored, serving goes on
+            logger.warning("%s: could not store a chunk (%s); skipped", PLUGIN_NAME, e)
+        except Exception:
+            logger.exception("%s: unexpected error storing a chunk; skipped", PLUGIN_NAME)
+        finally:
+            if reserved:
+                self.directory.release(reserved)
+            obj.ref_count_down()
+            with self._lock:
+                self._pending.pop(name, None)
+
+    # -- load ---------------------------------------------------------------
+
+    def get_blocking(self, key):
+        name = key.to_string()
+        path = self.directory.lookup(name)
+        if path is None:
+            return None
+        try:
+            header, payload = self.io.read(path, name)
+            dtype, fmt = _parse_layout(header.dtype, header.memory_format)
+        except ChunkRejected as e:
+            logger.warning("%s: discarding a bad chunk file (%s)", PLUGIN_NAME, e)
+            self.directory.remove(name)
+            return None
+        except FileNotFoundError:  # evicted by another process since the lookup
+            self.directory.remove(name)
+            return None
+        except OSError as e:  # unreadable: a miss, the file stays for an operator to inspect
+            logger.warning("%s: could not read a chunk (%s); treated as a miss", PLUGIN_NAME, e)
+            return None
+        obj = self.local_cpu_backend.allocate(torch.Size(header.shape), dtype, fmt)
+        if obj is None:
+            return None  # no host memory free right now: recompute instead
+        dst = _bytes_view(obj.byte_array)
+        if len(dst) != len(payload):
+            obj.ref_count_down()
+            self.directory.remove(name)
+            return None
+        dst[:] = payload
+        self.directory.touch(path)
+        return obj
+
+    # -- management -----------------------------------------------------------
+
+    def remove(self, key, force: bool = True) -> bool:
+        return self.directory.remove(key.to_string())
+
+    def get_allocator_backend(self):
+        return self.local_cpu_backend
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
