@@ -11,6 +11,7 @@ import torch
 from lmcache.v1.cache_engine import LMCacheEngineBuilder
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
+from kv_helpers import paged_kv, slot_mapping
 
 from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, plugin_config
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
@@ -21,18 +22,11 @@ LAYERS, BLOCKS, HEADS, BLOCK, HEAD, CHUNK = 2, 16, 2, 16, 32, 32
 
 
 def kv(seed=None):
-    numel = LAYERS * BLOCKS * HEADS * BLOCK * 2 * HEAD
-    if seed is None:
-        buf = torch.zeros(numel, dtype=torch.bfloat16)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        buf = torch.randint(-128, 128, (2 * numel,), dtype=torch.int8, generator=g).view(torch.bfloat16)
-    return list(buf.view(LAYERS, BLOCKS, HEADS, BLOCK, 2 * HEAD).unbind(0))
+    return paged_kv(LAYERS, BLOCKS, HEADS, BLOCK, HEAD, seed)
 
 
 def slots(table, n):
-    pos = torch.arange(n)
-    return torch.tensor(table)[pos // BLOCK] * BLOCK + pos % BLOCK
+    return slot_mapping(table, n, BLOCK)
 
 
 @pytest.fixture

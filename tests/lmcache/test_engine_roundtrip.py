@@ -9,6 +9,7 @@ import torch
 from lmcache.v1.cache_engine import LMCacheEngineBuilder
 from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
+from kv_helpers import paged_kv, slot_mapping
 
 from vllm_kvplugin.devices import DeviceOps
 from vllm_kvplugin.lmcache import gpu_connector
@@ -19,20 +20,11 @@ CHUNK = 32
 
 
 def kv_views(seed=None):
-    """vLLM-CPU-like LBHNC views [B, H, N, 2*D] bf16 over one buffer (random bytes or zeros)."""
-    numel = LAYERS * BLOCKS * HEADS * BLOCK * 2 * HEAD
-    if seed is None:
-        buf = torch.zeros(numel, dtype=torch.bfloat16)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        buf = torch.randint(-128, 128, (numel * 2,), dtype=torch.int8, generator=g).view(torch.bfloat16)
-    per_layer = numel // LAYERS
-    return [buf[l * per_layer : (l + 1) * per_layer].view(BLOCKS, HEADS, BLOCK, 2 * HEAD) for l in range(LAYERS)]
+    return paged_kv(LAYERS, BLOCKS, HEADS, BLOCK, HEAD, seed)
 
 
 def slots(block_table, num_tokens):
-    pos = torch.arange(num_tokens)
-    return torch.tensor(block_table)[pos // BLOCK] * BLOCK + pos % BLOCK
+    return slot_mapping(block_table, num_tokens, BLOCK)
 
 
 @pytest.fixture
