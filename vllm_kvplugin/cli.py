@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +62,10 @@ def run_bench(which: set[str], args) -> int:
         from vllm_kvplugin.bench import scaling
 
         sections.append(report.scaling_table(scaling.run(progress=progress)))
+    if "directio" in which:
+        from vllm_kvplugin.bench import directio
+
+        sections.append(report.directio_table(directio.run(args.out / "directio", progress=progress)))
     text = "\n\n".join(sections) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)

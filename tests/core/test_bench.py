@@ -46,3 +46,13 @@ def test_serving_report_and_plot(tmp_path):
     assert "0.990x" in report.miss_table(results, miss)
     png = report.ttft_plot(results, tmp_path / "ttft.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_directio_bench_compares_with_dd_on_real_files(tmp_path):
+    from vllm_kvplugin.bench import directio
+
+    result = directio.run(tmp_path, chunk_mib=1, chunks=2, rounds=1, progress=lambda msg: None)
+    assert result.engine == "posix-odirect"
+    assert min(result.write_gbps, result.read_gbps, result.dd_write_gbps, result.dd_read_gbps) > 0
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # cleans up after itself
+    assert "| write |" in report.directio_table(result)

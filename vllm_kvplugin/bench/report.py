@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from vllm_kvplugin.bench.directio import DirectIOResult
 from vllm_kvplugin.bench.mover import MoverResult
 from vllm_kvplugin.bench.scaling import ScalingResult
 from vllm_kvplugin.bench.serving import Floors, LengthResult, MissResult
@@ -94,6 +95,15 @@ def scaling_table(results: list[ScalingResult]) -> str:
     return "**Context scaling — LMCacheEngine + our mover, CPU tier** (4 layers, 2 KV heads, head 64, bf16)\n\n" + _table(
         ["tokens", "KV MiB", "store ms", "retrieve ms", "store GiB/s", "retrieve GiB/s", "hit tokens",
          "bit-exact", "peak RSS +MiB", "KV buffer + tier MiB"], rows)
+
+
+def directio_table(r: DirectIOResult) -> str:
+    w, rd = r.write_gbps / r.dd_write_gbps, r.read_gbps / r.dd_read_gbps
+    rows = [["write", f"{r.write_gbps:.2f}", f"{r.dd_write_gbps:.2f}", f"{w:.0%}", _pass(w >= 0.9)],
+            ["read", f"{r.read_gbps:.2f}", f"{r.dd_read_gbps:.2f}", f"{rd:.0%}", _pass(rd >= 0.9)]]
+    return (f"**Direct-I/O tier vs `dd` (O_DIRECT both)** — engine `{r.engine}`, {r.chunks} files of "
+            f"{r.chunk_mib} MiB, ours including CRC32C and staging\n\n"
+            + _table(["", "ours GB/s", "dd GB/s", "ours / dd", "≥ 90%"], rows))
 
 
 def ttft_plot(results: list[LengthResult], path: Path) -> Path:
