@@ -127,11 +127,13 @@ def test_a_bad_file_is_a_miss_and_is_removed(engines, tmp_path, damage):
     assert not victim.exists()
 
 
-def test_full_disk_skips_the_chunk_and_keeps_serving(engines, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EIO], ids=["full-disk", "permission", "io-error"])
+def test_a_failed_store_skips_the_chunk_and_keeps_serving(engines, tmp_path, monkeypatch, error):
+    """Injected at the I/O boundary: the tests run as root, for whom mode bits deny nothing."""
     engine = engines(tmp_path)
 
     def full(self, path, header, payload):
-        raise OSError(errno.ENOSPC, "No space left on device", path)
+        raise OSError(error, os.strerror(error), path)
 
     monkeypatch.setattr(PosixIO, "write", full)
     engine.store(TOKENS, kvcaches=kv(seed=4), slot_mapping=slots(SRC_TABLE, 100))

@@ -4,13 +4,16 @@
 Runs in the user's shell process; the server runs as vLLM's own processes.
 
 The server runs with vLLM's prefix cache off, so the second request can only
-skip prefill if its KV comes back through our connector from LMCache.
+skip prefill if its KV comes back through our connector from LMCache; then the
+server is restarted and the prompt sent once more, to show the direct-I/O
+tier's files warming a fresh engine.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 from vllm_kvplugin.demo.model import ModelShape, generate_model, random_prompt
@@ -21,7 +24,15 @@ DEMO_SHAPE = ModelShape(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
     num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=4096,
 )
-CONNECTOR = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both"}
+
+
+def connector(kv_dir: Path) -> dict:
+    """LMCache's CPU tier (default) plus this plugin's direct-I/O tier in ``kv_dir``."""
+    return {
+        "kv_connector": "LMCachePortableConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"kvplugin.directio.path": str(kv_dir), "kvplugin.directio.max_size_gb": 2},
+    }
 
 
 def engine_env() -> dict[str, str]:
@@ -36,31 +47,39 @@ def engine_env() -> dict[str, str]:
 def run(workdir: Path, prompt_tokens: int = 3000) -> int:
     """Run the demo; return a process exit code (non-zero if the KV was not reused correctly)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] generating a random-weight Llama ({DEMO_SHAPE.num_hidden_layers} layers) in {workdir}/model")
+    print(f"[1/4] generating a random-weight Llama ({DEMO_SHAPE.num_hidden_layers} layers) in {workdir}/model")
     model = str(generate_model(workdir / "model", DEMO_SHAPE))
     prompt = random_prompt(prompt_tokens - 1, random.Random(0), DEMO_SHAPE)  # + BOS
 
+    kv_dir = workdir / "kvcache"
+    shutil.rmtree(kv_dir, ignore_errors=True)  # so that "cold" really is cold
     log = workdir / "vllm-serve.log"
-    print(f"[2/3] starting vllm serve with LMCachePortableConnector (log: {log})")
-    with VllmServer(model, CONNECTOR, log, env=engine_env()) as server:
+    print(f"[2/4] starting vllm serve with LMCachePortableConnector (log: {log})")
+    with VllmServer(model, connector(kv_dir), log, env=engine_env()) as server:
         server.complete("w1 w2 w3", max_tokens=2)  # warm-up: first-request overheads
-        print("[3/3] sending a long prompt twice")
+        print("[3/4] sending a long prompt twice")
         cold = server.complete(prompt)
         warm = server.complete(prompt)
+    print("[4/4] restarting the server; the same prompt again (LMCache's CPU tier is gone, the files remain)")
+    with VllmServer(model, connector(kv_dir), workdir / "vllm-serve-restarted.log", env=engine_env()) as server:
+        server.complete("w1 w2 w3", max_tokens=2)
+        restarted = server.complete(prompt)
 
-    same = cold.text == warm.text
+    same = cold.text == warm.text == restarted.text
     rows = [
         ("prompt tokens", f"{cold.prompt_tokens}"),
         ("TTFT cold (prefill)", f"{cold.ttft_s * 1000:.0f} ms"),
         ("TTFT warm (KV from LMCache)", f"{warm.ttft_s * 1000:.0f} ms"),
         ("speed-up", f"{cold.ttft_s / warm.ttft_s:.1f}x"),
         ("tokens loaded from LMCache", f"{warm.cached_tokens}"),
-        ("greedy output identical", "yes" if same else "NO"),
+        ("TTFT after a restart (KV from the direct-I/O tier)", f"{restarted.ttft_s * 1000:.0f} ms"),
+        ("tokens loaded after the restart", f"{restarted.cached_tokens}"),
+        ("greedy output identical (all three)", "yes" if same else "NO"),
     ]
     print("\n| metric | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    ok = same and warm.cached_tokens > 0 and cold.cached_tokens == 0
+    ok = same and warm.cached_tokens > 0 and restarted.cached_tokens > 0 and cold.cached_tokens == 0
     if not ok:
         print(f"\nFAILED: the KV was not reused correctly; see {log}")
     return 0 if ok else 1
