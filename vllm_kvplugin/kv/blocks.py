@@ -124,6 +124,8 @@ class PagedKVBlocks:
         self._fused = self._fuse(planes)
         self.mode = self._mode()
         self._cache: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        # Row offset of each plane in plane-major rows; built once, not per move.
+        self._plane_rows = torch.arange(self.num_planes, device=self.device)[:, None] * self.num_blocks
 
     @property
     def num_planes(self) -> int:
@@ -211,8 +213,7 @@ class PagedKVBlocks:
                 break
         if self.mode == "plane-major rows":
             (rows,) = views
-            planes = torch.arange(self.num_planes, device=block_ids.device) * self.num_blocks
-            index = (planes[:, None] + block_ids[None, :]).flatten()
+            index = (self._plane_rows + block_ids[None, :]).flatten()
             yield rows, 0, index, host_words.view(index.numel(), -1)
         elif self.mode == "block-major rows":
             (rows,) = views

@@ -49,14 +49,12 @@ class ChunkDirectory:
         self.evictions = 0
         self._rescan()
 
-    @staticmethod
-    def file_name(key: str) -> str:
-        """Keys never become paths: a SHA-256 of the key names the file (no traversal, fixed length)."""
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return os.path.join(digest[:2], digest + SUFFIX)
-
     def path_for(self, key: str) -> str:
-        return os.path.join(self.root, self.file_name(key))
+        """Keys never become paths: a SHA-256 of the key names the file (no traversal, fixed length)."""
+        return self._path(self._digest(key))
+
+    def _path(self, digest: str) -> str:
+        return os.path.join(self.root, digest[:2], digest + SUFFIX)
 
     def file_size(self, payload_len: int) -> int:
         return HEADER_SIZE + aligned(payload_len)
@@ -89,7 +87,7 @@ class ChunkDirectory:
             if entry is not None:
                 self._index.move_to_end(digest)
                 return entry.path
-        path = self.path_for(key)
+        path = self._path(digest)
         try:  # written by another process since we last looked
             size = os.stat(path).st_size
         except FileNotFoundError:
@@ -127,7 +125,7 @@ class ChunkDirectory:
             old = self._index.pop(digest, None)
             if old is not None:  # replaced a file of the same key
                 self.used_bytes -= old.nbytes
-            self._index[digest] = _Entry(self.path_for(key), nbytes)
+            self._index[digest] = _Entry(self._path(digest), nbytes)
 
     def release(self, nbytes: int) -> None:
         """A reserved write did not happen."""
@@ -141,7 +139,7 @@ class ChunkDirectory:
             entry = self._index.pop(digest, None)
             if entry is not None:
                 self.used_bytes -= entry.nbytes
-        return self._unlink(self.path_for(key))
+        return self._unlink(self._path(digest))
 
     def pin(self, key: str, delta: int) -> None:
         digest = self._digest(key)
