@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""LMCache storage plugin: KV chunks in checksummed files, written and read with O_DIRECT.
+"""LMCache storage plugin: KV chunks in checksummed files, written and read with O_DIRECT where possible.
 
 Runs in the vLLM worker process, inside LMCache's storage manager. Writes run
 on a small thread pool, so a store returns as soon as its chunks are queued;
@@ -27,7 +27,7 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
-from vllm_kvplugin.storage.io import choose_io
+from vllm_kvplugin.storage.select import select_io
 
 logger = init_logger(__name__)
 
@@ -77,13 +77,14 @@ class DirectIOBackend(StoragePluginInterface):
         if PATH_KEY not in extra:
             raise ValueError(f"{PLUGIN_NAME}: set extra_config[{PATH_KEY!r}] to a directory")
         self.directory = ChunkDirectory(str(extra[PATH_KEY]), round(float(extra.get(SIZE_KEY, 10)) * 1e9))
-        self.io = choose_io(self.directory.root)
+        self.io, self.io_choice = select_io(self.directory.root, chunks_on_device=False)  # LMCache hands us host memory
         self.fingerprint = metadata.model_name if metadata is not None else ""
         self._pool = ThreadPoolExecutor(int(extra.get(_THREADS_KEY, 2)), thread_name_prefix="kvplugin-io")
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
-        logger.info("%s: %s in %s (%.1f GB budget, %d files indexed)", PLUGIN_NAME, self.io.name,
-                    self.directory.root, self.directory.capacity_bytes / 1e9, len(self.directory._index))
+        logger.info("%s: %s in %s (%.1f GB budget, %d files indexed; %s)", PLUGIN_NAME, self.io.name,
+                    self.directory.root, self.directory.capacity_bytes / 1e9, len(self.directory._index),
+                    self.io_choice.reason)
 
     def __str__(self) -> str:
         return PLUGIN_NAME
@@ -193,3 +194,4 @@ class DirectIOBackend(StoragePluginInterface):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.io.close()

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""I/O engines for chunk files: O_DIRECT POSIX where the filesystem allows it, buffered elsewhere.
+"""I/O engines for chunk files: hipFile, O_DIRECT POSIX where the filesystem allows it, buffered elsewhere.
 
 Runs in the vLLM worker process (the storage tier's I/O threads; each thread
 has its own aligned staging buffer).
@@ -50,7 +50,7 @@ def dio_alignment(path: str) -> DioAlignment | None:
     return DioAlignment(mem, offset)
 
 
-class _Staging(threading.local):
+class HostStaging(threading.local):
     """A page-aligned buffer per thread, grown on demand and reused."""
 
     buf: mmap.mmap | None = None
@@ -67,7 +67,7 @@ class PosixIO:
     def __init__(self, direct: bool):
         self.direct = direct and bool(_O_DIRECT)
         self.name = "posix-odirect" if self.direct else "posix-buffered"
-        self._staging = _Staging()
+        self._staging = HostStaging()
 
     def write(self, path: str, header: bytes, payload: memoryview) -> None:
         """Write ``header`` + ``payload`` (padded) to ``path`` atomically."""
@@ -113,6 +113,9 @@ class PosixIO:
         payload = buf[: header.payload_len]
         check_payload(header, payload)
         return header, payload
+
+    def close(self) -> None:
+        """Nothing to release: the staging buffers are plain memory."""
 
 
 def choose_io(directory: str) -> PosixIO:
