@@ -31,3 +31,13 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
   echo "$STACK" > "$STAMP"
 fi
 pip install -q -e ".[test,bench]"
+
+# A real Redis server for the shared-tier tests (Debian's package; the tests start and stop it).
+if ! command -v redis-server >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing redis-server"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  else
+    echo "[setup] redis-server is missing: install it (e.g. apt-get install redis-server) for the shared-tier tests" >&2
+  fi
+fi

@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A real ``redis-server`` on loopback for the shared-tier tests (started and stopped by them).
+
+``ci/setup-env.sh`` installs Debian's redis-server. The server keeps nothing on
+disk (no RDB, no AOF), so a restart comes back empty, as a replaced cache node would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from vllm_kvplugin.demo.server import free_port
+
+
+class RedisServer:
+    """One ``redis-server`` process; :meth:`kill` and :meth:`start` again keep its port."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run `make setup` (it installs Debian's redis-server)")
+        self.binary, self.workdir = binary, workdir
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        log = open(self.workdir / f"redis-{self.port}.log", "a")
+        self._proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One RESP command's raw reply (enough for DBSIZE/FLUSHALL in tests)."""
+        request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(request)
+            return s.recv(4096)
+
+    def dbsize(self) -> int:
+        return int(self.command("DBSIZE").strip()[1:])
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed node: no clean shutdown, clients see dropped connections."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

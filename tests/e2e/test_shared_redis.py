@@ -1,0 +1,143 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Two real ``vllm serve`` instances sharing one real Redis through LMCache's remote tier.
+
+Both servers run with LMCache's local CPU tier off, so every hit comes from
+Redis. The tests run in file order on one pair of servers and one Redis:
+the servers start while Redis is down, Redis comes up, a prefix prefilled on
+instance A is warm on B, and Redis is killed and restarted under a stream of
+requests to both instances.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.e2e.engines import engine_env
+from tests.e2e.redis_server import RedisServer
+from vllm_kvplugin.demo.model import random_prompt
+from vllm_kvplugin.demo.server import VllmServer
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64
+PROMPT_WORDS = 400  # 401 tokens with BOS: 6 whole chunks
+EXPECTED_HIT = (PROMPT_WORDS + 1) // CHUNK * CHUNK
+RECONNECT_TIMEOUT_S = 90
+OUTAGE_S = 10
+
+
+def redis_connector(url: str) -> dict:
+    return {
+        "kv_connector": "LMCachePortableConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "lmcache.chunk_size": CHUNK,
+            "lmcache.local_cpu": False,  # hits can only come from Redis
+            "lmcache.max_local_cpu_size": 0.2,
+            "lmcache.remote_url": url,
+            "lmcache.remote_serde": "naive",
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))  # port chosen, not started yet
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def pair(redis, tmp_path_factory, tiny_model):
+    """Instances A and B, started while Redis is down."""
+    logs = tmp_path_factory.mktemp("redis-pair")
+    servers = [
+        VllmServer(tiny_model, redis_connector(redis.url), logs / f"{name}.log", env=engine_env())
+        for name in ("a", "b")
+    ]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def fresh_prompt(rng: random.Random) -> str:
+    return random_prompt(PROMPT_WORDS, rng)
+
+
+def wait_until_shared(a: VllmServer, b: VllmServer, rng: random.Random) -> float:
+    """Seconds until a prompt prefilled on A is warm on B (the tier is back for both)."""
+    start = time.monotonic()
+    while time.monotonic() - start < RECONNECT_TIMEOUT_S:
+        prompt = fresh_prompt(rng)
+        a.complete(prompt)
+        time.sleep(0.5)  # A's store to Redis is asynchronous
+        if b.complete(prompt).cached_tokens == EXPECTED_HIT:
+            return time.monotonic() - start
+    pytest.fail(f"no shared hit within {RECONNECT_TIMEOUT_S}s after Redis came up")
+
+
+def test_servers_start_and_serve_while_redis_is_down(pair, redis):
+    a, b = pair
+    assert not redis.ping()
+    prompt = fresh_prompt(random.Random(1))
+    cold_a, cold_b = a.complete(prompt), b.complete(prompt)
+    assert cold_a.cached_tokens == cold_b.cached_tokens == 0
+    assert cold_a.text == cold_b.text
+
+
+def test_tier_connects_when_redis_comes_up_without_restarting_vllm(pair, redis):
+    redis.start()
+    seconds = wait_until_shared(*pair, random.Random(2))
+    print(f"shared hits {seconds:.1f}s after Redis started")
+    assert redis.dbsize() > 0
+
+
+def test_prefix_prefilled_on_a_is_warm_on_b_with_equal_tokens(pair):
+    a, b = pair
+    prompt = fresh_prompt(random.Random(3))
+    cold = a.complete(prompt, max_tokens=16)
+    time.sleep(0.5)
+    warm = b.complete(prompt, max_tokens=16)
+    assert cold.cached_tokens == 0
+    assert warm.cached_tokens == EXPECTED_HIT
+    assert warm.text == cold.text
+
+
+def test_redis_killed_mid_stream_fails_no_request_and_hits_resume(pair, redis):
+    """A stream to both instances, 4 in flight: Redis up, killed for OUTAGE_S, then back (empty)."""
+    a, b = pair
+    rng = random.Random(4)
+    prompts = [fresh_prompt(rng) for _ in range(8)]
+    reference = {p: a.complete(p).text for p in prompts}  # computed while Redis is up
+    phases = {"up": [], "down": [], "back": []}
+
+    def send(i: int, phase: str):
+        prompt = prompts[i % len(prompts)]
+        try:
+            out = (a, b)[i % 2].complete(prompt)
+            phases[phase].append(out.text == reference[prompt] and out.completion_tokens == 8)
+        except OSError as e:  # an HTTP error or a dropped connection: a failed request
+            phases[phase].append(e)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(send, range(12), ["up"] * 12))
+        redis.kill()
+        deadline, i = time.monotonic() + OUTAGE_S, 12
+        while time.monotonic() < deadline:
+            list(pool.map(send, range(i, i + 4), ["down"] * 4))
+            i += 4
+        redis.start()
+        list(pool.map(send, range(i, i + 12), ["back"] * 12))
+    print({phase: len(r) for phase, r in phases.items()})
+    for phase, results in phases.items():
+        assert results and all(r is True for r in results), f"{phase}: {results}"
+    seconds = wait_until_shared(a, b, random.Random(5))
+    print(f"shared hits {seconds:.1f}s after Redis restarted")
