@@ -15,6 +15,9 @@ fingerprint, so no engine reads them with a different layout.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
@@ -27,6 +30,33 @@ from vllm_kvplugin.kv import PagedKVBlocks
 def _device_type(kv_caches) -> str:
     first = kv_caches[0]
     return (first if isinstance(first, torch.Tensor) else first[0]).device.type
+
+
+@dataclass
+class TransferTotals:
+    """What the mover has moved since it was built; only ever added to.
+
+    Read by the worker's stats sampler (:mod:`vllm_kvplugin.metrics`), which
+    reports increments. Seconds are wall time inside a batched call, which
+    already ends with the device synchronised (no extra sync for counting).
+    """
+
+    loaded_tokens: int = 0
+    loaded_bytes: int = 0
+    load_seconds: float = 0.0
+    stored_tokens: int = 0
+    stored_bytes: int = 0
+    store_seconds: float = 0.0
+
+    def record(self, to_host: bool, tokens: int, nbytes: int, seconds: float) -> None:
+        if to_host:
+            self.stored_tokens += tokens
+            self.stored_bytes += nbytes
+            self.store_seconds += seconds
+        else:
+            self.loaded_tokens += tokens
+            self.loaded_bytes += nbytes
+            self.load_seconds += seconds
 
 
 class PortableGPUConnector(GPUConnectorInterface):
@@ -50,6 +80,7 @@ class PortableGPUConnector(GPUConnectorInterface):
         self.blocks: PagedKVBlocks | None = None
         self._registered: tuple[int, ...] = ()
         self._staging: torch.Tensor | None = None
+        self.totals = TransferTotals()
 
     # -- LMCache contract ------------------------------------------------
 
@@ -74,6 +105,8 @@ class PortableGPUConnector(GPUConnectorInterface):
         self._transfer(memory_objs, starts, ends, kwargs, to_host=False)
 
     def _transfer(self, memory_objs, starts, ends, kwargs, to_host: bool) -> None:
+        began = time.perf_counter()
+        tokens = nbytes = 0
         blocks = self._blocks(kwargs)
         slot_mapping = kwargs["slot_mapping"]
         ops = device_ops(blocks.device.type)
@@ -81,6 +114,8 @@ class PortableGPUConnector(GPUConnectorInterface):
         for obj, start, end in zip(memory_objs, starts, ends, strict=True):
             ids = self._block_ids(slot_mapping, start, end)
             host = obj.tensor
+            tokens += end - start
+            nbytes += host.numel() * host.element_size()
             if not ops.needs_staging(blocks.device, host.device):  # CPU: one copy, no staging
                 (blocks.gather if to_host else blocks.scatter)(ids, host)
                 continue
@@ -101,6 +136,7 @@ class PortableGPUConnector(GPUConnectorInterface):
             # Once per batch, not per chunk: LMCache hands on (store) or frees
             # (retrieve) the host objects as soon as we return.
             ops.synchronize()
+        self.totals.record(to_host, int(tokens), nbytes, time.perf_counter() - began)
 
     # -- helpers -----------------------------------------------------------
 

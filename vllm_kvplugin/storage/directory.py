@@ -46,7 +46,7 @@ class ChunkDirectory:
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._pinned: dict[str, int] = {}
         self.used_bytes = 0
-        self.evictions = 0
+        self.evictions = 0  # files this process evicted, ever (the worker's stats report increments)
         self._rescan()
 
     def path_for(self, key: str) -> str:
@@ -114,9 +114,9 @@ class ChunkDirectory:
                 self.used_bytes -= entry.nbytes
                 victims.append(entry.path)
             self.used_bytes += nbytes  # concurrent writers see each other's claims
+            self.evictions += len(victims)  # under the lock: writer threads evict concurrently
         for path in victims:
             self._unlink(path)
-            self.evictions += 1
 
     def commit(self, key: str, nbytes: int) -> None:
         """The reserved file for ``key`` is in place."""
