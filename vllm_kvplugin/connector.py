@@ -17,9 +17,15 @@ from __future__ import annotations
 import torch  # noqa: F401  - must precede lmcache (its native lib dlopens libc10)
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.logger import init_logger
 
 from vllm_kvplugin.lmcache.engine import create_worker_engine, prepare_config
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+from vllm_kvplugin.lmcache.load_guard import blocks_to_load
+from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler
+from vllm_kvplugin.storage.directory import ChunkDirectory
+
+logger = init_logger(__name__)
 
 
 class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
@@ -41,11 +47,41 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         else:
             prepare_config(vllm_config)  # validate in the engine core too: fail before workers load
         super().__init__(vllm_config, role, kv_cache_config)
+        # vLLM's roles, strictly: a prefill instance stores and never loads (LMCache 0.5.6
+        # would let a producer load its own chunks back); a consumer never stores (LMCache).
+        self._loads = vllm_config.kv_transfer_config.kv_role != "kv_producer"
+        self._block_size = vllm_config.cache_config.block_size
+        self._failed_loads: set[int] = set()  # blocks of loads that raised (load_guard)
         if role == KVConnectorRole.WORKER and self._adapter.lmcache_engine is not self._portable_engine:
             raise RuntimeError(
                 "LMCache did not adopt the portable engine: "
                 + (self._adapter._manager._init_failed_reason or "unknown reason")
             )
+        self._kvplugin_stats = KVPluginStats()
+        if role == KVConnectorRole.WORKER:
+            # tokens once per engine (global rank 0); bytes and seconds from every worker
+            self._stats_sampler = WorkerStatsSampler(self._portable_engine.metadata.worker_id == 0)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        if not self._loads:
+            return 0, False
+        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        """Worker: LMCache's load; if it raises, this step's blocks become load errors."""
+        try:
+            super().start_load_kv(forward_context, **kwargs)
+        except Exception:
+            failed = blocks_to_load(self._get_connector_metadata(), self._block_size)
+            logger.exception("KV load failed; %d blocks will be recomputed or their requests failed", len(failed))
+            self._failed_loads |= failed
+
+    def wait_for_save(self) -> None:
+        """Worker: LMCache's store; if it raises, the chunks are simply not cached."""
+        try:
+            super().wait_for_save()
+        except Exception:
+            logger.exception("KV store failed; those chunks stay uncached")
 
     @property
     def _adapter(self):
@@ -58,11 +94,55 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         assert isinstance(mover, PortableGPUConnector)
         mover.register(kv_caches.values())  # fail on an unsupported layout now, not mid-request
         super().register_kv_caches(kv_caches)
-        if not engine.is_healthy():
+        # Only a failed initialisation blocks startup. A remote tier that is down right
+        # now (LMCache's health monitor) must not: vLLM serves, recomputes, and
+        # LMCache reconnects when the tier comes back.
+        if self._adapter._manager._init_failed:
             raise RuntimeError(
                 "LMCache failed to initialise its storage; see the LMCache error above. "
                 "Refusing to start rather than silently recomputing every prompt."
             )
+
+    # -- metrics (vllm_kvplugin.metrics) -------------------------------------
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        """Scheduler: count one lookup per scheduled waiting request, and its hit."""
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        self._kvplugin_stats.add(
+            lookups=1, lookup_tokens=request.num_tokens, hit_tokens=num_external_tokens
+        )
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Worker: LMCache's failed blocks, counted."""
+        failed = super().get_block_ids_with_load_errors() | self._failed_loads
+        self._failed_loads = set()
+        self._kvplugin_stats.add(load_failed_blocks=len(failed))
+        return failed
+
+    def get_kv_connector_stats(self) -> KVPluginStats | None:
+        """Both roles, once per step: this interval's counts (``None`` when there are none)."""
+        if self._role == KVConnectorRole.WORKER:
+            self._kvplugin_stats.add(**self._stats_sampler.sample(self._worker_totals()))
+        stats, self._kvplugin_stats = self._kvplugin_stats, KVPluginStats()
+        return None if stats.is_empty() else stats
+
+    def _worker_totals(self) -> dict[str, float]:
+        totals = vars(self._portable_engine.gpu_connector.totals).copy()
+        manager = getattr(self._portable_engine, "storage_manager", None)  # set at post_init
+        for backend in getattr(manager, "storage_backends", {}).values():
+            if isinstance(getattr(backend, "directory", None), ChunkDirectory):
+                totals["directio_evictions"] = backend.directory.evictions
+        return totals
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None) -> KVPluginStats:
+        """API server: rebuild the engine core's stats dict (vLLM's log line)."""
+        return KVPluginStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        """API server: the ``vllm:kvplugin_*`` Prometheus counters."""
+        return KVPluginPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
 class LMCacheHPUConnector(LMCachePortableConnector):

