@@ -22,12 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     bench.add_argument("--repeats", type=int, default=3)
+    doctor = sub.add_parser("doctor", help="check this host and a KV config for KV reuse (starts no engine)")
+    doctor.add_argument("--kv-transfer-config", metavar="JSON", help="the JSON given to vllm serve")
+    doctor.add_argument("--block-size", type=int, help="vLLM's --block-size (default: the platform's)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable findings")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from vllm_kvplugin.demo import main_job
 
         return main_job.run(args.workdir, args.prompt_tokens)
+    if args.command == "doctor":
+        from vllm_kvplugin import doctor
+
+        return doctor.run(args.kv_transfer_config, args.block_size, args.json)
     return run_bench(set(BENCHES) if "all" in args.which else set(args.which), args)
 
 

