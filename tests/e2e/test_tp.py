@@ -3,7 +3,8 @@
 
 vLLM-CPU runs TP=2 on two cores only with one core pinned per worker
 (``VLLM_CPU_OMP_THREADS_BIND="0|1"``). LMCache keys carry the rank and world
-size, so the two ranks' shards never mix.
+size, so the two ranks' shards never mix, and a TP=1 engine on the same
+persistent store never reads a TP=2 shard as its whole KV.
 """
 
 import random
@@ -24,13 +25,23 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def tp2_runs(tmp_path_factory, tiny_model):
+def tp2_runs(tmp_path_factory, tiny_model, store):
     spec = {"model": tiny_model, "prompts": prompts(), "passes": 2, "tensor_parallel_size": 2}
-    kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
-          "kv_connector_extra_config": {"lmcache.chunk_size": 64, "lmcache.max_local_cpu_size": 0.2}}
     base = run_engine(spec, tmp_path_factory.mktemp("tp2-base"), "tp2-base", **TP_ENV)
-    cached = run_engine(spec | {"kv_transfer_config": kv}, tmp_path_factory.mktemp("tp2-kv"), "tp2-kv", **TP_ENV)
+    cached = run_engine(spec | {"kv_transfer_config": connector(store)}, tmp_path_factory.mktemp("tp2-kv"), "tp2-kv", **TP_ENV)
     return base, cached
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A direct-I/O tier directory both TP=2 and, afterwards, TP=1 use."""
+    return tmp_path_factory.mktemp("shared-store")
+
+
+def connector(store) -> dict:
+    return {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"lmcache.chunk_size": 64, "lmcache.max_local_cpu_size": 0.2,
+                                          "kvplugin.directio.path": str(store), "kvplugin.directio.max_size_gb": 0.2}}
 
 
 def test_tp2_hits_on_both_ranks_with_unchanged_greedy_tokens(tp2_runs):
@@ -41,3 +52,13 @@ def test_tp2_hits_on_both_ranks_with_unchanged_greedy_tokens(tp2_runs):
     assert cached["passes"][1]["cached"] == [n // 64 * 64 for n in LENGTHS]
     # Both workers built a portable engine of their own (one per rank).
     assert cached["log"].count("LMCache engine built with the portable KV mover") == 2
+
+
+def test_tp1_engine_on_the_same_store_gets_no_hits_from_tp2_shards(tp2_runs, store, tmp_path_factory, tiny_model):
+    shards = set(store.rglob("*.kvchunk"))
+    assert len(shards) == 2 * sum(n // 64 for n in LENGTHS)  # one file per chunk per rank
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": connector(store)}
+    tp1 = run_engine(spec, tmp_path_factory.mktemp("tp1-kv"), "tp1-kv")
+    assert tp1["passes"][0]["cached"] == [0, 0]
+    assert "discarding a bad chunk file" not in tp1["log"]
+    assert shards < set(store.rglob("*.kvchunk"))  # it wrote whole-KV chunks of its own beside them
