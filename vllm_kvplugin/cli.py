@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling", "directio")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +74,12 @@ def run_bench(which: set[str], args) -> int:
         from vllm_kvplugin.bench import directio
 
         sections.append(report.directio_table(directio.run(args.out / "directio", progress=progress)))
+    if "tiers" in which:
+        from vllm_kvplugin.bench import tiers
+
+        rows = tiers.run(args.out / "tiers", progress=progress)  # small KV, 32K tokens
+        rows += tiers.run(args.out / "tiers", tokens=4096, shape="8b", progress=progress)  # 32 MiB chunks
+        sections.append(tiers.tiers_table(rows))
     text = "\n\n".join(sections) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)

@@ -102,6 +102,13 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
                 "LMCache failed to initialise its storage; see the LMCache error above. "
                 "Refusing to start rather than silently recomputing every prompt."
             )
+        # LMCache only logs a storage plugin that fails to build and runs without it.
+        missing = sorted(set(engine.config.storage_plugins or ()) - set(engine.storage_manager.storage_backends))
+        if missing:
+            raise RuntimeError(
+                f"LMCache storage plugin(s) {missing} failed to start; see the LMCache error above. "
+                "Refusing to start without the configured tier."
+            )
 
     # -- metrics (vllm_kvplugin.metrics) -------------------------------------
 

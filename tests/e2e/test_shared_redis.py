@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.e2e.engines import engine_env
-from tests.e2e.redis_server import RedisServer
+from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.demo.model import random_prompt
 from vllm_kvplugin.demo.server import VllmServer
 

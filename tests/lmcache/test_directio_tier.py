@@ -4,82 +4,14 @@
 import errno
 import os
 import time
-import uuid
 
 import pytest
 import torch
-from lmcache.v1.cache_engine import LMCacheEngineBuilder
-from lmcache.v1.config import LMCacheEngineConfig
-from lmcache.v1.metadata import LMCacheMetadata
-from kv_helpers import paged_kv, slot_mapping
+from tier_helpers import (
+    CHUNK, DST_TABLE, HEAD, HEADS, LAYERS, SRC_TABLE, TOKENS, assert_loaded, backend, chunk_files, kv, settle, slots,
+)
 
-from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, plugin_config
-from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
-from vllm_kvplugin.storage.directory import SUFFIX
 from vllm_kvplugin.storage.io import PosixIO
-
-LAYERS, BLOCKS, HEADS, BLOCK, HEAD, CHUNK = 2, 16, 2, 16, 32, 32
-
-
-def kv(seed=None):
-    return paged_kv(LAYERS, BLOCKS, HEADS, BLOCK, HEAD, seed)
-
-
-def slots(table, n):
-    return slot_mapping(table, n, BLOCK)
-
-
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(directory, local_cpu=False, max_size_gb=0.5):
-        cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, local_cpu=local_cpu, max_local_cpu_size=0.05)
-        tier = plugin_config(str(directory), max_size_gb)
-        cfg.storage_plugins = tier["storage_plugins"]
-        cfg.extra_config = tier["extra_config"]
-        md = LMCacheMetadata(
-            model_name="m@kvplugin1/test", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
-            kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,
-        )
-        engine_id = f"dio-{uuid.uuid4()}"
-        engine = LMCacheEngineBuilder.get_or_create(
-            engine_id, cfg, md, PortableGPUConnector(md, BLOCK), lambda t, s: t, lambda o, s: o
-        )
-        engine.post_init()
-        made.append(engine_id)
-        return engine
-
-    yield make
-    for engine_id in made:
-        LMCacheEngineBuilder.destroy(engine_id)
-
-
-def backend(engine):
-    return engine.storage_manager.storage_backends[PLUGIN_NAME]
-
-
-def settle(engine, tokens, expected, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while (hit := engine.lookup(tokens)) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    while backend(engine)._pending and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return hit
-
-
-def chunk_files(directory):
-    return sorted(p for p in directory.rglob("*" + SUFFIX))
-
-
-TOKENS = torch.arange(100) + 7  # 3 whole chunks of 32 stored
-SRC_TABLE, DST_TABLE = [3, 9, 0, 12, 5, 14, 1], [2, 4, 6, 8, 10, 11, 13]
-
-
-def assert_loaded(src, dst, blocks=6):
-    for s, d in zip(src, dst):
-        for sb, db in zip(SRC_TABLE[:blocks], DST_TABLE[:blocks]):
-            assert torch.equal(d[db].view(torch.int8), s[sb].view(torch.int8))
 
 
 @pytest.mark.parametrize("local_cpu", [False, True], ids=["tier-alone", "behind-cpu-tier"])
@@ -127,7 +59,8 @@ def test_a_bad_file_is_a_miss_and_is_removed(engines, tmp_path, damage):
     assert not victim.exists()
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EIO], ids=["full-disk", "permission", "io-error"])
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EIO, errno.EROFS],
+                         ids=["full-disk", "permission", "io-error", "read-only"])
 def test_a_failed_store_skips_the_chunk_and_keeps_serving(engines, tmp_path, monkeypatch, error):
     """Injected at the I/O boundary: the tests run as root, for whom mode bits deny nothing."""
     engine = engines(tmp_path)

@@ -2,22 +2,40 @@
 """vLLM's own KVConnectorFactory creates our connector for both roles, from a real VllmConfig."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
-def test_factory_creates_the_portable_connector_for_scheduler_and_worker(tiny_model, tmp_path):
-    probe = Path(__file__).with_name("factory_probe.py")
+def probe(model: str, workdir: Path, **env) -> dict:
     out = subprocess.run(
-        [sys.executable, str(probe), tiny_model, str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(Path(__file__).with_name("factory_probe.py")), model, str(workdir)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **env},
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_factory_creates_the_portable_connector_for_scheduler_and_worker(tiny_model, tmp_path):
+    result = probe(tiny_model, tmp_path)
     assert result["scheduler"] == result["worker"] == "LMCachePortableConnector"
     assert (result["scheduler_role"], result["worker_role"]) == ("SCHEDULER", "WORKER")
     assert result["mover"] == "PortableGPUConnector"
     assert result["fused"] and result["healthy"]
     # The layout fingerprint is part of the model name, hence of every cache key.
     assert "@kvplugin1/cpu-" in result["model_name"] and result["model_name"].endswith("/bs32")
+
+
+def test_a_configured_storage_plugin_that_fails_to_build_stops_startup(tiny_model, tmp_path):
+    """LMCache would log the failure and run without the tier; the connector refuses instead."""
+    config = tmp_path / "lmcache.yaml"
+    config.write_text(
+        "storage_plugins: [kvplugin_directio]\nextra_config:\n"
+        "  storage_plugin.kvplugin_directio.module_path: vllm_kvplugin.lmcache.directio_backend\n"
+        "  storage_plugin.kvplugin_directio.class_name: DirectIOBackend\n"
+        f"  kvplugin.directio.path: {tmp_path / 'tier'}\n  kvplugin.directio.max_size_gb: lots\n"
+    )
+    result = probe(tiny_model, tmp_path, LMCACHE_CONFIG_FILE=str(config))
+    assert result == {"error": "LMCache storage plugin(s) ['kvplugin_directio'] failed to start; "
+                               "see the LMCache error above. Refusing to start without the configured tier."}

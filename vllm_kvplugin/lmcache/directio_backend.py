@@ -9,15 +9,20 @@ portable connector wires that for the user from two keys of
 ``kv_connector_extra_config`` (see :func:`plugin_config`).
 
 Whatever a file holds, a bad one is a miss, never bytes: a header or payload
-that fails its checks is deleted and ``get_blocking`` returns ``None``. A
-store that cannot be written (full disk, permissions, I/O error) is logged
-and skipped; serving continues.
+that fails its checks (including a length or shape that does not match its
+dtype) is deleted and ``get_blocking`` returns ``None``. A store that cannot
+be written (full disk, read-only filesystem, permissions, I/O error) is
+skipped and counted, with one log line per kind of error and minute. If the
+whole directory is removed while serving, loads become misses, the index
+forgets its entries, and the next store recreates the tree.
 """
 
 from __future__ import annotations
 
-import os
+import errno
+import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -28,13 +33,14 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
 from vllm_kvplugin.storage.select import select_io
+from vllm_kvplugin.storage.settings import PATH_KEY, SIZE_KEY, THREADS_KEY, tier_settings
+
+__all__ = ["DirectIOBackend", "PATH_KEY", "PLUGIN_NAME", "SIZE_KEY", "THREADS_KEY", "plugin_config", "tier_settings"]
 
 logger = init_logger(__name__)
 
 PLUGIN_NAME = "kvplugin_directio"
-PATH_KEY = "kvplugin.directio.path"
-SIZE_KEY = "kvplugin.directio.max_size_gb"
-_THREADS_KEY = "kvplugin.directio.io_threads"
+_LOG_EVERY_S = 60.0
 
 
 def plugin_config(path: str, max_size_gb: float) -> dict:
@@ -60,12 +66,15 @@ def _bytes_view(buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _parse_layout(dtype_name: str, fmt_name: str) -> tuple[torch.dtype, MemoryFormat]:
-    """The dtype and memory format a header names, refusing anything else a file might claim."""
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype) or fmt_name not in MemoryFormat.__members__:
-        raise ChunkRejected(f"unknown dtype or memory format {dtype_name!r}/{fmt_name!r}")
-    return dtype, MemoryFormat[fmt_name]
+def _parse_layout(header: ChunkHeader) -> tuple[torch.dtype, MemoryFormat]:
+    """The dtype and memory format a header names, refusing anything else a file might claim,
+    and a shape that does not hold exactly its payload (checked before anything is allocated)."""
+    dtype = getattr(torch, header.dtype, None)
+    if not isinstance(dtype, torch.dtype) or header.memory_format not in MemoryFormat.__members__:
+        raise ChunkRejected(f"unknown dtype or memory format {header.dtype!r}/{header.memory_format!r}")
+    if math.prod(header.shape) * dtype.itemsize != header.payload_len:
+        raise ChunkRejected(f"shape {header.shape} of {header.dtype} is not {header.payload_len} bytes")
+    return dtype, MemoryFormat[header.memory_format]
 
 
 class DirectIOBackend(StoragePluginInterface):
@@ -73,15 +82,15 @@ class DirectIOBackend(StoragePluginInterface):
 
     def __init__(self, dst_device="cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         super().__init__(dst_device, config, metadata, local_cpu_backend, loop)
-        extra = config.extra_config or {}
-        if PATH_KEY not in extra:
-            raise ValueError(f"{PLUGIN_NAME}: set extra_config[{PATH_KEY!r}] to a directory")
-        self.directory = ChunkDirectory(str(extra[PATH_KEY]), round(float(extra.get(SIZE_KEY, 10)) * 1e9))
+        settings = tier_settings(config.extra_config or {})
+        self.directory = ChunkDirectory(settings.path, round(settings.max_size_gb * 1e9))
         self.io, self.io_choice = select_io(self.directory.root, chunks_on_device=False)  # LMCache hands us host memory
         self.fingerprint = metadata.model_name if metadata is not None else ""
-        self._pool = ThreadPoolExecutor(int(extra.get(_THREADS_KEY, 2)), thread_name_prefix="kvplugin-io")
+        self._pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="kvplugin-io")
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self.skipped_stores = 0  # chunks not stored because writing failed, ever
+        self._last_skip: tuple[object, float] = (None, -math.inf)  # (kind, when logged)
         logger.info("%s: %s in %s (%.1f GB budget, %d files indexed; %s)", PLUGIN_NAME, self.io.name,
                     self.directory.root, self.directory.capacity_bytes / 1e9, len(self.directory._index),
                     self.io_choice.reason)
@@ -134,23 +143,48 @@ class DirectIOBackend(StoragePluginInterface):
             )
             reserved = self.directory.file_size(len(payload))
             self.directory.reserve(reserved)
-            path = self.directory.path_for(name)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self.io.write(path, encode_header(header), payload)
+            self._write_file(self.directory.path_for(name), encode_header(header), payload)
             self.directory.commit(name, reserved)
             reserved = 0
             if on_complete is not None:
                 on_complete(key)
-        except OSError as e:  # ENOSPC, EACCES, EIO: this chunk is not stored, serving goes on
-            logger.warning("%s: could not store a chunk (%s); skipped", PLUGIN_NAME, e)
-        except Exception:
-            logger.exception("%s: unexpected error storing a chunk; skipped", PLUGIN_NAME)
+        except OSError as e:  # ENOSPC, EROFS, EACCES, EIO: this chunk is not stored, serving goes on
+            self._skipped(e.errno, str(e))
+        except Exception as e:
+            self._skipped(type(e), f"unexpected {type(e).__name__}: {e}")
         finally:
             if reserved:
                 self.directory.release(reserved)
             obj.ref_count_down()
             with self._lock:
                 self._pending.pop(name, None)
+
+    def _write_file(self, path: str, header: bytes, payload) -> None:
+        try:
+            self.io.write(path, header, payload)
+        except FileNotFoundError:  # a new fan-out subdirectory, or the tree was removed (rm -rf)
+            dropped = self.directory.make_dirs_for(path)
+            if dropped:
+                logger.warning("%s: %s was removed; recreated it and forgot %d chunks",
+                               PLUGIN_NAME, self.directory.root, dropped)
+            self.io.write(path, header, payload)
+
+    def _skipped(self, kind, reason: str) -> None:
+        """Count a chunk not stored; log the first of each kind, then at most once a minute.
+
+        A full disk fails every chunk of every request: one line per chunk would flood the log.
+        """
+        now = time.monotonic()
+        with self._lock:
+            self.skipped_stores += 1
+            count = self.skipped_stores
+            last_kind, last_time = self._last_skip
+            if kind == last_kind and now - last_time < _LOG_EVERY_S:
+                return
+            self._last_skip = (kind, now)
+        name = errno.errorcode.get(kind, "") if isinstance(kind, int) else ""
+        logger.warning("%s: could not store a chunk (%s%s); skipped (%d skipped so far)",
+                       PLUGIN_NAME, f"{name}: " if name else "", reason, count)
 
     # -- load ---------------------------------------------------------------
 
@@ -161,13 +195,16 @@ class DirectIOBackend(StoragePluginInterface):
             return None
         try:
             header, payload = self.io.read(path, name)
-            dtype, fmt = _parse_layout(header.dtype, header.memory_format)
+            dtype, fmt = _parse_layout(header)
         except ChunkRejected as e:
             logger.warning("%s: discarding a bad chunk file (%s)", PLUGIN_NAME, e)
             self.directory.remove(name)
             return None
-        except FileNotFoundError:  # evicted by another process since the lookup
-            self.directory.remove(name)
+        except FileNotFoundError:  # evicted by another process since the lookup, or the tree removed
+            dropped = self.directory.vanished(name)
+            if dropped > 1:
+                logger.warning("%s: %s was removed; forgot its %d chunks (misses until stored again)",
+                               PLUGIN_NAME, self.directory.root, dropped)
             return None
         except OSError as e:  # unreadable: a miss, the file stays for an operator to inspect
             logger.warning("%s: could not read a chunk (%s); treated as a miss", PLUGIN_NAME, e)

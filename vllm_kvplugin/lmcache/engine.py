@@ -16,12 +16,13 @@ own lookup, request-tracking and save/load logic unchanged.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import torch
 from lmcache.integration.vllm.utils import ENGINE_NAME, lmcache_get_or_create_config
 from lmcache.integration.vllm.vllm_service_factory import VllmServiceFactory
 from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
-from lmcache.v1.config import LMCacheEngineConfig, load_engine_config_with_overrides
+from lmcache.v1.config import _CONFIG_DEFINITIONS, LMCacheEngineConfig, load_engine_config_with_overrides
 from lmcache.logging import init_logger
 from lmcache.v1.config_base import validate_and_set_config_value
 
@@ -32,6 +33,7 @@ from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 logger = init_logger(__name__)
 
 _EXTRA_PREFIX = "lmcache."
+_BOOLEAN_WORDS = {"true", "false", "1", "0"}
 _OUR_PREFIX = "kvplugin."
 # Our own keys in kv_connector_extra_config; any other "kvplugin.*" key is a typo.
 _OUR_KEYS = {
@@ -72,26 +74,51 @@ def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int
     """Apply ``kv_connector_extra_config`` to ``config`` and refuse what the portable path cannot honour."""
     for key, value in extra.items():
         if key.startswith(_EXTRA_PREFIX):
-            validate_and_set_config_value(config, key[len(_EXTRA_PREFIX):], value)
+            _set_lmcache_value(config, key, value)
     unknown = sorted(k for k in extra if k.startswith(_OUR_PREFIX) and k not in _OUR_KEYS)
     if unknown:
         valid = "; ".join(f"{k}: {doc}" for k, doc in _OUR_KEYS.items())
         raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
-    if "kvplugin.directio.path" in extra:
+    if any(k in _OUR_KEYS for k in extra):  # a size or thread count without a path is refused too
         _enable_directio(config, extra)
     check_supported(config, block_size)
     return config
 
 
+def _set_lmcache_value(config: LMCacheEngineConfig, key: str, value) -> None:
+    """Set one ``lmcache.*`` key, refusing what LMCache itself would only log and ignore.
+
+    LMCache 0.5.6's ``validate_and_set_config_value`` warns and returns False for an
+    unknown key or a value its converter rejects (``chunk_size: "x"``), and maps any
+    string but "true"/"1" to False for a boolean key: a typo would silently run with
+    defaults. The adapter applies the same keys again later with the same results.
+    """
+    name = key[len(_EXTRA_PREFIX):]
+    definition = _CONFIG_DEFINITIONS.get(name)
+    if definition is None:
+        close = difflib.get_close_matches(name, _CONFIG_DEFINITIONS, n=3)
+        hint = f" (did you mean {', '.join(_EXTRA_PREFIX + c for c in close)}?)" if close else ""
+        raise ValueError(f"unknown LMCache setting {key!r}{hint}; LMCache 0.5.6 knows: "
+                         + ", ".join(sorted(_CONFIG_DEFINITIONS)))
+    if definition["type"] is bool and str(value).strip().lower() not in _BOOLEAN_WORDS:
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if not validate_and_set_config_value(config, name, value):
+        shown = "" if "url" in name else f"={value!r}"  # URLs may carry credentials
+        raise ValueError(f"{key}{shown} is not a valid {_type_name(definition['type'])} for LMCache")
+
+
+def _type_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
 def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
     """Add the direct-I/O tier to LMCache's storage plugins, as LMCache YAML users would by hand."""
-    from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, plugin_config
+    from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, THREADS_KEY, plugin_config, tier_settings
 
-    tier = plugin_config(
-        str(extra["kvplugin.directio.path"]), float(extra.get("kvplugin.directio.max_size_gb", 10))
-    )
-    if "kvplugin.directio.io_threads" in extra:
-        tier["extra_config"]["kvplugin.directio.io_threads"] = int(extra["kvplugin.directio.io_threads"])
+    settings = tier_settings(extra)  # a bad value fails here, at startup, naming its key
+    tier = plugin_config(settings.path, settings.max_size_gb)
+    if THREADS_KEY in extra:
+        tier["extra_config"][THREADS_KEY] = settings.io_threads
     config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
     config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
 
@@ -99,7 +126,11 @@ def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
 def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
     """Refuse, at startup, LMCache settings under which whole-block transfer would be wrong."""
     problems = []
-    if config.chunk_size % block_size:
+    if config.chunk_size <= 0:
+        problems.append(
+            f"chunk_size={config.chunk_size}: set lmcache.chunk_size to a positive multiple of {block_size}"
+        )
+    elif config.chunk_size % block_size:
         problems.append(
             f"chunk_size={config.chunk_size} is not a multiple of vLLM's block_size={block_size}: "
             f"set lmcache.chunk_size to a multiple of {block_size}"

@@ -7,6 +7,18 @@ rename, so every process sees whole files; each process keeps its own index
 of what it knows, rebuilt from the directory at startup (a restarted engine
 is warm), and a key missing from the index is looked up on disk before it
 counts as a miss (another process may have written it).
+
+Permissions: directories the tier creates (the root if missing, and the
+``xx/`` fan-out subdirectories) are 0700 and files 0600, so other local users
+can neither read prompts' KV nor plant chunks. A directory that already
+exists keeps its mode: an operator may share one tier between service
+accounts through a group-writable directory (the subdirectories the tier
+creates inside it are still 0700, owned by the writing process's user).
+
+If the whole directory disappears while serving (an operator's ``rm -rf``, a
+shared directory wiped by another node), reads become misses, the index
+forgets every entry at once (:meth:`ChunkDirectory.vanished`), and the next
+write recreates the tree (:meth:`ChunkDirectory.make_dirs_for`).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ class ChunkDirectory:
     def __init__(self, root: str, capacity_bytes: int):
         self.root = root
         self.capacity_bytes = capacity_bytes
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)  # parents above the root keep the default mode
         self._lock = threading.Lock()
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._pinned: dict[str, int] = {}
@@ -100,6 +112,42 @@ class ChunkDirectory:
                 self.used_bytes += size
         return path
 
+    def make_dirs_for(self, path: str) -> int:
+        """Create the root and ``path``'s fan-out subdirectory, 0700, where missing (also after an ``rm -rf``).
+
+        Returns how many index entries were dropped because the root itself had to be recreated.
+        """
+        dropped = 0
+        try:
+            os.mkdir(self.root, 0o700)
+            dropped = self._forget_all()  # a new, empty tree: nothing indexed can be in it
+        except FileExistsError:
+            pass  # an existing directory keeps its mode (it may be deliberately group-shared)
+        except FileNotFoundError:  # the root's parents went too
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            dropped = self._forget_all()
+        try:
+            os.mkdir(os.path.dirname(path), 0o700)
+        except FileExistsError:
+            pass
+        return dropped
+
+    def vanished(self, key: str) -> int:
+        """``key``'s file is gone: forget it, and every entry if the whole root went with it.
+
+        Returns how many index entries were dropped.
+        """
+        if os.path.isdir(self.root):
+            return int(self._forget(self._digest(key)))
+        return self._forget_all()
+
+    def _forget_all(self) -> int:
+        with self._lock:
+            dropped = len(self._index)
+            self.used_bytes -= sum(entry.nbytes for entry in self._index.values())  # in-flight claims stay
+            self._index.clear()
+        return dropped
+
     def reserve(self, nbytes: int) -> None:
         """Claim ``nbytes`` of the budget for a file about to be written, evicting the least
         recently used unpinned files as needed. Follow with :meth:`commit` or :meth:`release`."""
@@ -135,11 +183,15 @@ class ChunkDirectory:
     def remove(self, key: str) -> bool:
         """Forget ``key`` and delete its file (a bad file, or an explicit remove)."""
         digest = self._digest(key)
+        self._forget(digest)
+        return self._unlink(self._path(digest))
+
+    def _forget(self, digest: str) -> bool:
         with self._lock:
             entry = self._index.pop(digest, None)
             if entry is not None:
                 self.used_bytes -= entry.nbytes
-        return self._unlink(self._path(digest))
+        return entry is not None
 
     def pin(self, key: str, delta: int) -> None:
         digest = self._digest(key)
@@ -160,8 +212,9 @@ class ChunkDirectory:
 
     @staticmethod
     def _unlink(path: str) -> bool:
+        """Best effort: a file already gone, or on a read-only filesystem, is not an error here."""
         try:
             os.unlink(path)
             return True
-        except FileNotFoundError:
+        except OSError:
             return False

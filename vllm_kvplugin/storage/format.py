@@ -37,6 +37,7 @@ ALIGN = 4096
 HEADER_SIZE = ALIGN
 _FIXED = struct.Struct("<8sIIQII8Q")  # magic, version, header crc, payload len, payload crc, ndim, shape
 _MAX_NDIM = 8
+MAX_PAYLOAD = 1 << 34  # 16 GiB: far above any real chunk, far below what a reader could allocate
 
 
 class ChunkRejected(Exception):
@@ -86,6 +87,8 @@ def encode_header(header: ChunkHeader) -> bytes:
     """The 4096-byte header for ``header``."""
     if len(header.shape) > _MAX_NDIM:
         raise ValueError(f"shape {header.shape} has more than {_MAX_NDIM} dimensions")
+    if header.payload_len > MAX_PAYLOAD:
+        raise ValueError(f"payload of {header.payload_len} bytes exceeds the format's {MAX_PAYLOAD}")
     shape = list(header.shape) + [0] * (_MAX_NDIM - len(header.shape))
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, header.payload_len, header.payload_crc, len(header.shape), *shape)
     body = fixed + b"".join(_text(t) for t in (header.dtype, header.memory_format, header.fingerprint, header.key))
@@ -113,8 +116,7 @@ def decode_header(raw: bytes, expected_key: str | None = None) -> ChunkHeader:
         raise ChunkRejected(f"chunk format version {version}, this build reads {FORMAT_VERSION}")
     if crc32c(raw[:12] + b"\0\0\0\0" + raw[16:]) != header_crc:
         raise ChunkRejected("header checksum mismatch")
-    if ndim > _MAX_NDIM:
-        raise ChunkRejected(f"bad ndim {ndim}")
+    _check_sizes(payload_len, ndim)
     fields, offset = [], _FIXED.size
     try:
         for _ in range(4):
@@ -127,6 +129,19 @@ def decode_header(raw: bytes, expected_key: str | None = None) -> ChunkHeader:
     if expected_key is not None and key != expected_key:
         raise ChunkRejected("file holds a different cache key")
     return ChunkHeader(key, dtype, tuple(shape[:ndim]), fingerprint, payload_len, payload_crc, memory_format)
+
+
+def _check_sizes(payload_len: int, ndim: int) -> None:
+    """Refuse a length no writer produces, before anyone sizes a buffer by it.
+
+    The shape is checked against the length where the dtype is known (the
+    LMCache tier, before it allocates); a negative dimension reads as a huge
+    u64 there.
+    """
+    if ndim > _MAX_NDIM:
+        raise ChunkRejected(f"bad ndim {ndim}")
+    if payload_len > MAX_PAYLOAD:
+        raise ChunkRejected(f"payload length {payload_len} exceeds {MAX_PAYLOAD}")
 
 
 def check_payload(header: ChunkHeader, payload) -> None:

@@ -33,9 +33,9 @@ import torch
 
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.storage.format import (
-    ALIGN, HEADER_SIZE, ChunkHeader, ChunkRejected, aligned, check_payload, decode_header,
+    ALIGN, HEADER_SIZE, ChunkHeader, ChunkRejected, aligned, check_payload,
 )
-from vllm_kvplugin.storage.io import HostStaging
+from vllm_kvplugin.storage.io import HostStaging, new_file, read_header
 
 MAX_IO = 0x7FFFF000  # hipFile's largest single transfer: 2 GiB - 4 KiB
 _SUPPORTED_FS = {0xEF53: "ext4", 0x58465342: "xfs"}  # statfs f_type magic numbers
@@ -138,22 +138,14 @@ class HipFileIO:
         """Write ``header`` + ``payload`` (a host buffer or a tensor, e.g. :meth:`region`) to ``path`` atomically."""
         size = aligned(self._stage(payload))
         buffer, _ = self._device_buffer(size)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
-        try:
+        with new_file(path, os.O_DIRECT) as fd:
             head = self._host.get(HEADER_SIZE)
             head[:] = header
             written = os.pwrite(fd, head, 0)
             if written == HEADER_SIZE:
                 written += self._transfer(fd, os.O_WRONLY, "write", buffer, size)
             if written != HEADER_SIZE + size:
-                raise OSError(errno.EIO, f"short write ({written} of {HEADER_SIZE + size} bytes)", tmp)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+                raise OSError(errno.EIO, f"short write ({written} of {HEADER_SIZE + size} bytes)", path)
 
     def read(self, path: str, expected_key: str) -> tuple[ChunkHeader, memoryview]:
         """The verified header and host payload of ``path`` (valid until this thread's next I/O).
@@ -164,10 +156,7 @@ class HipFileIO:
         """
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         try:
-            head = self._host.get(HEADER_SIZE)
-            if os.preadv(fd, [head], 0) != HEADER_SIZE:
-                raise ChunkRejected("truncated header")
-            header = decode_header(head, expected_key)
+            header = read_header(fd, self._host.get(HEADER_SIZE), expected_key)
             buffer, device = self._device_buffer(aligned(header.payload_len))
             got = self._transfer(fd, os.O_RDONLY, "read", buffer, aligned(header.payload_len))
         finally:

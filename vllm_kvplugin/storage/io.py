@@ -14,6 +14,7 @@ or a full disk fails its length or checksum check and is treated as a miss.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -50,6 +51,20 @@ def dio_alignment(path: str) -> DioAlignment | None:
     return DioAlignment(mem, offset)
 
 
+def read_header(fd: int, head: memoryview, expected_key: str) -> ChunkHeader:
+    """Read (into ``head``, 4 KiB) and verify an open chunk file's header.
+
+    The payload length it claims is checked against the file's size before any
+    caller sizes a buffer by it: a crafted header cannot make a reader allocate.
+    """
+    if os.preadv(fd, [head], 0) != HEADER_SIZE:
+        raise ChunkRejected("truncated header")
+    header = decode_header(head, expected_key)
+    if os.fstat(fd).st_size < HEADER_SIZE + aligned(header.payload_len):
+        raise ChunkRejected(f"truncated payload (file shorter than the {header.payload_len} bytes claimed)")
+    return header
+
+
 class HostStaging(threading.local):
     """A page-aligned buffer per thread, grown on demand and reused."""
 
@@ -77,18 +92,10 @@ class PosixIO:
         buf[:HEADER_SIZE] = header
         buf[HEADER_SIZE : HEADER_SIZE + len(payload)] = payload
         buf[HEADER_SIZE + len(payload) :] = bytes(total - HEADER_SIZE - len(payload))
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if self.direct else 0), 0o600)
-        try:
+        with new_file(path, _O_DIRECT if self.direct else 0) as fd:
             written = os.pwrite(fd, buf, 0)
-            if written != total:
-                raise OSError(errno.EIO, f"short write ({written} of {total} bytes)", tmp)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+            if written != total:  # a full disk part-way through
+                raise OSError(errno.ENOSPC, f"short write ({written} of {total} bytes)", path)
 
     def read(self, path: str, expected_key: str) -> tuple[ChunkHeader, memoryview]:
         """The verified header and payload of ``path`` (payload valid until this thread's next read).
@@ -99,10 +106,7 @@ class PosixIO:
         """
         fd = os.open(path, os.O_RDONLY | (_O_DIRECT if self.direct else 0))
         try:
-            head = self._staging.get(HEADER_SIZE)
-            if os.preadv(fd, [head], 0) != HEADER_SIZE:
-                raise ChunkRejected("truncated header")
-            header = decode_header(head, expected_key)
+            header = read_header(fd, self._staging.get(HEADER_SIZE), expected_key)
             size = aligned(header.payload_len)
             buf = self._staging.get(size)
             got = os.preadv(fd, [buf], HEADER_SIZE)
@@ -116,6 +120,29 @@ class PosixIO:
 
     def close(self) -> None:
         """Nothing to release: the staging buffers are plain memory."""
+
+
+@contextlib.contextmanager
+def new_file(path: str, flags: int):
+    """An fd on a new 0600 temporary file that becomes ``path`` when the block succeeds.
+
+    On any failure (in the block, at close, at rename) the temporary file is
+    removed: a reader sees a whole file or none, and no ``*.tmp`` stays behind.
+    """
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o600)
+    try:
+        try:
+            yield fd
+        finally:
+            os.close(fd)  # may itself report a deferred write error (NFS)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # already gone with its directory, or on a filesystem gone read-only
+        raise
 
 
 def choose_io(directory: str) -> PosixIO:

@@ -1,8 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A real ``redis-server`` on loopback for the shared-tier tests (started and stopped by them).
+"""A real ``redis-server`` on loopback, started and stopped by the process that uses it.
 
-``ci/setup-env.sh`` installs Debian's redis-server. The server keeps nothing on
-disk (no RDB, no AOF), so a restart comes back empty, as a replaced cache node would.
+Used by the shared-tier tests (tests/e2e/test_shared_redis.py) and by
+``vllm-kvplugin bench tiers``; runs in the test or benchmark process, the
+server is a child process. ``ci/setup-env.sh`` installs Debian's redis-server.
+The server keeps nothing on disk (no RDB, no AOF), so a restart comes back
+empty, as a replaced cache node would.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class RedisServer:
 
     def dbsize(self) -> int:
         return int(self.command("DBSIZE").strip()[1:])
+
+    def memory_info(self) -> dict[str, str]:
+        """``INFO memory`` as a dict (``used_memory``, ``used_memory_dataset``, ``maxmemory_policy``, ...)."""
+        lines = self.command("INFO", "memory").decode().splitlines()
+        return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
 
     def kill(self) -> None:
         """SIGKILL, as a crashed node: no clean shutdown, clients see dropped connections."""

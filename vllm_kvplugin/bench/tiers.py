@@ -1,0 +1,219 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Storage tiers: one prompt's KV stored and loaded through a real LMCacheEngine with our mover, tier by tier.
+
+Runs in the benchmarking process (LMCache's engine in-process, no vLLM). Tiers:
+LMCache's CPU tier; our direct-I/O tier on a directory; LMCache's remote tier on
+a real ``redis-server`` started here on loopback. For the last two LMCache's CPU
+tier is off (``local_cpu: false``), so loads come from the files or from Redis.
+Their puts are asynchronous: store time runs from ``store()`` until the tier
+answers lookups for every chunk, and loads are timed only after that. The
+direct-I/O tier reads with O_DIRECT where the filesystem allows it (page cache
+bypassed); where it falls back to buffered I/O, loads may come from the page
+cache, which this benchmark cannot drop; the row's note says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_kvplugin.bench.layouts import vllm_style_views
+from vllm_kvplugin.bench.mover import KVShape
+from vllm_kvplugin.bench.redis_server import RedisServer
+from vllm_kvplugin.bench.report import _pass, _table
+
+TIERS = ("cpu", "directio", "redis")
+SHAPES = {
+    "small": KVShape(layers=4, kv_heads=2, head_size=64),  # scaling.py's shape: 2 KiB/token
+    "8b": KVShape(),  # Llama-3.1-8B per rank: 32 layers, 8 KV heads, head 128, bf16: 128 KiB/token
+}
+
+
+@dataclass
+class TierResult:
+    tier: str
+    shape: str
+    tokens: int
+    kv_mib: float  # one round's KV
+    store_gbps: float  # KV bytes / (store() until every chunk is readable from the tier), median of rounds
+    load_gbps: float  # KV bytes / retrieve() wall time, median of rounds
+    bit_exact: bool  # every round loaded every token, byte for byte
+    bytes_per_token: float  # what the tier holds per stored token (objects, files, Redis keys and values)
+    note: str
+
+
+@dataclass
+class _Tier:
+    config: object  # LMCacheEngineConfig
+    held_bytes: Callable[[object], int]  # engine -> bytes the tier holds now
+    note: str
+    before_close: Callable[[object], None] = lambda engine: None
+
+
+def _unblock_redis_close(engine) -> None:
+    """Let LMCache 0.5.6 close its Redis connector: ``RedisConnector.close`` runs on the storage
+    manager's event loop and awaits ``pq_executor.shutdown``, a blocking method that waits for a
+    coroutine on that same loop, so ``LMCacheEngineBuilder.destroy`` hangs for ever. This instance
+    gets the awaitable the close expects."""
+    from lmcache.v1.storage_backend.remote_backend import RemoteBackend
+
+    for backend in engine.storage_manager.storage_backends.values():
+        if isinstance(backend, RemoteBackend) and backend.connection is not None:
+            connector = backend.connection.getWrappedConnector()
+            connector.pq_executor.shutdown = connector.pq_executor.shutdown_async
+
+
+def _dataset_bytes(redis: RedisServer) -> int:  # keys and values, not client buffers
+    return int(redis.memory_info()["used_memory_dataset"])
+
+
+@contextlib.contextmanager
+def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iterator[_Tier]:
+    """LMCache's config for one tier, with whatever it needs running (a directory, a Redis server)."""
+    from lmcache.v1.config import LMCacheEngineConfig
+
+    from vllm_kvplugin.lmcache.directio_backend import plugin_config
+    from vllm_kvplugin.storage.directory import SUFFIX
+    from vllm_kvplugin.storage.io import choose_io
+
+    # sha256_cbor: the chunk hash our connector makes LMCache use (vllm_kvplugin.plugin)
+    base = {"chunk_size": chunk_size, "max_local_cpu_size": capacity_gb, "pre_caching_hash_algorithm": "sha256_cbor"}
+    if name == "cpu":
+        yield _Tier(LMCacheEngineConfig.from_defaults(local_cpu=True, **base),
+                    lambda e: sum(o.get_size() for o in e.storage_manager.local_cpu_backend.hot_cache.values()),
+                    "LMCache LocalCPUBackend")
+    elif name == "directio":
+        directory = workdir / "directio"
+        directory.mkdir(parents=True, exist_ok=True)
+        io = choose_io(str(directory))
+        cfg = LMCacheEngineConfig.from_defaults(local_cpu=False, **base, **plugin_config(str(directory), capacity_gb))
+        note = f"{io.name}, " + ("page cache bypassed" if io.direct else "buffered: loads may hit the page cache")
+        try:
+            yield _Tier(cfg, lambda e: sum(p.stat().st_size for p in directory.rglob("*" + SUFFIX)), note)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    elif name == "redis":
+        with RedisServer(workdir) as redis:
+            empty = _dataset_bytes(redis)
+            cfg = LMCacheEngineConfig.from_defaults(local_cpu=False, remote_url=redis.url, remote_serde="naive", **base)
+            yield _Tier(cfg, lambda e: _dataset_bytes(redis) - empty, "redis-server on loopback, naive serde",
+                        _unblock_redis_close)
+    else:
+        raise ValueError(f"unknown tier {name!r}; choose from {TIERS}")
+
+
+def _engine(cfg, shape: KVShape, chunk_size: int, block_size: int):
+    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache.v1.metadata import LMCacheMetadata
+
+    from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+
+    md = LMCacheMetadata(
+        model_name="tiers@kvplugin1/bench", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+        kv_dtype=shape.dtype, kv_shape=(shape.layers, 2, chunk_size, shape.kv_heads, shape.head_size),
+        role="worker", chunk_size=chunk_size,
+    )
+    engine_id = f"tiers-{uuid.uuid4()}"
+    engine = LMCacheEngineBuilder.get_or_create(
+        engine_id, cfg, md, PortableGPUConnector(md, block_size), lambda t, s: t, lambda o, s: o
+    )
+    engine.post_init()
+    return engine_id, engine
+
+
+def _wait_readable(engine, ids: torch.Tensor, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.lookup(ids) < len(ids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stored chunks not readable from the tier after {timeout_s}s")
+        time.sleep(0.001)
+
+
+def _measure(tier: _Tier, shape: KVShape, tokens: int, rounds: int, chunk_size: int,
+             block_size: int) -> tuple[list[float], list[float], bool, int]:
+    """``rounds`` store/load round trips of fresh prompts: store and load seconds, exactness, bytes held."""
+    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+
+    elem = torch.empty(0, dtype=shape.dtype).element_size()
+    blocks = 2 * tokens // block_size  # the source blocks, then the blocks loads go to
+    buffer = torch.randint(-128, 128, (shape.layers * blocks * shape.kv_heads * block_size * 2 * shape.head_size
+                                       * elem,), dtype=torch.int8)
+    views = vllm_style_views(buffer.view(shape.dtype), "LBHNC", shape.layers, blocks, shape.kv_heads, block_size,
+                             2 * shape.head_size)
+    halves = buffer.view(shape.layers, 2, -1)
+    src_slots = torch.arange(tokens)
+    dst_slots = src_slots + tokens
+    engine_id, engine = _engine(tier.config, shape, chunk_size, block_size)
+    store_s, load_s, exact = [], [], True
+    try:
+        for _ in range(rounds):
+            ids = torch.randint(0, 50_000, (tokens,))  # a fresh prompt: new keys every round
+            halves[:, 0].add_(1)  # and new bytes
+            start = time.perf_counter()
+            engine.store(ids, kvcaches=views, slot_mapping=src_slots)
+            _wait_readable(engine, ids)
+            store_s.append(time.perf_counter() - start)
+            halves[:, 1].zero_()
+            start = time.perf_counter()
+            hit = engine.retrieve(ids, kvcaches=views, slot_mapping=dst_slots)
+            load_s.append(time.perf_counter() - start)
+            exact &= int(hit.sum()) == tokens and torch.equal(halves[:, 0], halves[:, 1])
+        return store_s, load_s, exact, tier.held_bytes(engine)
+    finally:
+        tier.before_close(engine)
+        LMCacheEngineBuilder.destroy(engine_id)
+
+
+def _quiet_lmcache() -> None:
+    """LMCache logs its whole config and every backend's start and close per engine: warnings only."""
+    import importlib
+
+    for module in ("lmcache.v1.cache_engine", "lmcache.v1.token_database", "lmcache.usage_telemetry.continuous",
+                   "lmcache.v1.storage_backend", "lmcache.v1.storage_backend.connector.redis_connector",
+                   "vllm_kvplugin.lmcache.directio_backend"):
+        importlib.import_module(module)  # creates the loggers silenced below
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith(("lmcache", "vllm_kvplugin"))]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(workdir: Path, tokens: int = 32768, shape: str = "small", tiers: Iterable[str] = TIERS, rounds: int = 3,
+        block_size: int = 32, chunk_size: int = 256, progress: Callable[[str], None] = print) -> list[TierResult]:
+    """Each tier in turn, on its own engine: ``rounds`` fresh ``tokens``-token prompts stored, then loaded.
+
+    ``workdir`` holds the direct-I/O tier's files and Redis's log while they run.
+    """
+    if tokens % chunk_size or chunk_size % block_size:
+        raise ValueError("tokens must be whole chunks, chunk_size whole blocks")
+    _quiet_lmcache()
+    kv_shape = SHAPES[shape]
+    kv_bytes = tokens * kv_shape.layers * kv_shape.block_bytes(1)
+    capacity_gb = rounds * kv_bytes / 1e9 * 1.5 + 0.05
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in tiers:
+        with _tier(name, workdir, chunk_size, capacity_gb) as tier:
+            store_s, load_s, exact, held = _measure(tier, kv_shape, tokens, rounds, chunk_size, block_size)
+        r = TierResult(name, shape, tokens, kv_bytes / 2**20, kv_bytes / statistics.median(store_s) / 1e9,
+                       kv_bytes / statistics.median(load_s) / 1e9, exact, held / (rounds * tokens), tier.note)
+        results.append(r)
+        progress(f"tiers {shape} {tokens} tokens, {name}: store {r.store_gbps:.2f} GB/s, load {r.load_gbps:.2f} "
+                 f"GB/s, bit-exact {r.bit_exact}, {r.bytes_per_token:.0f} B/token")
+    return results
+
+
+def tiers_table(results: list[TierResult]) -> str:
+    rows = [[r.tier, r.shape, str(r.tokens), f"{r.kv_mib:.0f}", f"{r.store_gbps:.2f}", f"{r.load_gbps:.2f}",
+             _pass(r.bit_exact), f"{r.bytes_per_token:.0f}", r.note] for r in results]
+    return ("**Storage tiers — LMCacheEngine + our mover, one tier at a time** (small: 4 layers, 2 KV heads, "
+            "head 64, bf16; 8b: Llama-3.1-8B per rank; 256-token chunks; median over fresh prompts)\n\n"
+            + _table(["tier", "KV shape", "tokens", "KV MiB", "store GB/s (until readable)", "load GB/s",
+                      "bit-exact", "bytes/token held", "note"], rows))

@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The direct-I/O tier's own settings (``kvplugin.directio.*``), checked the same way everywhere.
+
+Runs at startup in the engine core (``prepare_config``: a bad value refuses the
+config before workers load, naming the key) and in each vLLM worker when
+LMCache builds the tier from its ``extra_config`` (LMCache YAML users set the
+same keys there by hand).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PATH_KEY = "kvplugin.directio.path"
+SIZE_KEY = "kvplugin.directio.max_size_gb"
+THREADS_KEY = "kvplugin.directio.io_threads"
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    path: str
+    max_size_gb: float
+    io_threads: int
+
+
+def tier_settings(extra: dict) -> TierSettings:
+    """The tier's settings from ``extra`` (LMCache's ``extra_config`` or ``kv_connector_extra_config``).
+
+    Raises:
+        ValueError: naming the key, for a missing path or a size or thread count
+            that is not a positive number.
+    """
+    path = extra.get(PATH_KEY)
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{PATH_KEY} must name a directory, got {path!r}")
+    return TierSettings(path, _positive(extra, SIZE_KEY, 10.0, float), _positive(extra, THREADS_KEY, 2, int))
+
+
+def _positive(extra: dict, key: str, default, kind: type):
+    value = extra.get(key, default)
+    wanted = "a positive integer" if kind is int else "a positive number"
+    try:
+        number = kind(value)
+        if isinstance(value, bool) or number != float(value):  # True, or 2.5 threads
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {wanted}, got {value!r}") from None
+    if not 0 < number < math.inf:
+        raise ValueError(f"{key} must be {wanted}, got {value!r}")
+    return number
