@@ -109,7 +109,8 @@ def test_uncreatable_tier_directory_fails(broken):
 
 def test_unreachable_redis_fails_without_showing_credentials(broken):
     rc, findings, stderr = broken
-    assert levels(findings, "remote tier") == ["fail"]
+    assert levels(findings, "remote tier") == ["warn", "fail"]  # a password in the URL, then unreachable
+    assert "logs remote_url verbatim" in message(findings, "remote tier")
     assert "redis://***@127.0.0.1:" in message(findings, "remote tier")
     assert SECRET not in json.dumps(findings) and SECRET not in stderr
 
@@ -147,6 +148,15 @@ def test_missing_tier_directory_warns_and_reachable_redis_is_ok_on_one_screen(tm
     assert "PING answered" in flat
     assert SECRET not in screen and SECRET not in stderr
     assert not (tmp_path / "not-yet").exists()  # doctor never creates the tier
+
+
+def test_resp_url_with_the_password_in_the_environment_is_probed_without_a_warning(tmp_path, redis_url):
+    resp_url = "resp://" + redis_url.rsplit("@", 1)[1]
+    extra = {"lmcache.remote_url": resp_url, "lmcache.remote_serde": "naive"}
+    rc, findings, stderr = doctor(tmp_path, extra, env={"LMCACHE_RESP_PASSWORD": SECRET})
+    assert rc == 0
+    assert levels(findings, "remote tier") == ["ok"] and "PING answered" in message(findings, "remote tier")
+    assert SECRET not in json.dumps(findings) and SECRET not in stderr
 
 
 def test_environment_that_breaks_lmcache_or_plugin_loading_fails(tmp_path):

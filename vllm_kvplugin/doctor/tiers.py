@@ -95,16 +95,21 @@ def check_remote(found, url: str, config) -> None:
     """LMCache's ``remote_url``: a real connect and ``PING`` for Redis, reported without credentials."""
     shown = redact_url(url)
     scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss"):
+    if scheme not in ("redis", "rediss", "resp"):
         found.add("remote tier", "warn", f"{shown}: scheme {scheme!r} is not probed by doctor")
         return
+    if urlsplit(url).password:
+        found.add("remote tier", "warn", f"{shown}: LMCache 0.5.6 logs remote_url verbatim, password included; use "
+                  "resp://host:port with LMCACHE_RESP_USERNAME/LMCACHE_RESP_PASSWORD instead")
     import redis
 
     extra = config.extra_config or {}
     password = extra.get("password") or os.environ.get("LMCACHE_RESP_PASSWORD") or None
+    username = extra.get("username") or os.environ.get("LMCACHE_RESP_USERNAME") or None
+    probe_url = urlsplit(url)._replace(scheme="redis").geturl() if scheme == "resp" else url  # same protocol
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=_TIMEOUT_S, socket_timeout=_TIMEOUT_S,
-                                      **({} if urlsplit(url).password else {"password": password}))
+        client = redis.Redis.from_url(probe_url, socket_connect_timeout=_TIMEOUT_S, socket_timeout=_TIMEOUT_S,
+                                      **({} if urlsplit(url).password else {"password": password, "username": username}))
         client.ping()
         client.close()
     except Exception as e:  # noqa: BLE001 - refused, timeout, auth, DNS: all unreachable
