@@ -11,6 +11,7 @@ requests to both instances.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,7 @@ PROMPT_WORDS = 400  # 401 tokens with BOS: 6 whole chunks
 EXPECTED_HIT = (PROMPT_WORDS + 1) // CHUNK * CHUNK
 RECONNECT_TIMEOUT_S = 90
 OUTAGE_S = 10
+HANG_S = 15  # longer than LMCache's blocking_timeout_secs (10)
 
 
 def redis_connector(url: str) -> dict:
@@ -109,6 +111,28 @@ def test_prefix_prefilled_on_a_is_warm_on_b_with_equal_tokens(pair):
     assert cold.cached_tokens == 0
     assert warm.cached_tokens == EXPECTED_HIT
     assert warm.text == cold.text
+
+
+def test_redis_hanging_longer_than_the_lmcache_timeout_fails_no_request(pair, redis):
+    """A hung Redis (SIGSTOP for HANG_S): in-flight requests wait, then complete with unchanged tokens."""
+    a, b = pair
+    rng = random.Random(6)
+    prompts = [fresh_prompt(rng) for _ in range(4)]
+    reference = {p: a.complete(p).text for p in prompts}  # computed, and stored, while Redis answers
+    time.sleep(0.5)
+    redis.freeze()
+    thaw = threading.Timer(HANG_S, redis.thaw)
+    thaw.start()
+    start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outs = list(pool.map(lambda i: (a, b)[i % 2].complete(prompts[i]), range(4)))
+            stalled_s = time.monotonic() - start
+    finally:
+        thaw.join()
+    print(f"hung Redis: 4 requests completed in {stalled_s:.1f}s, cached tokens {[o.cached_tokens for o in outs]}")
+    assert [o.text for o in outs] == [reference[p] for p in prompts]
+    wait_until_shared(a, b, random.Random(7))  # and the tier serves again
 
 
 def test_redis_killed_mid_stream_fails_no_request_and_hits_resume(pair, redis):

@@ -95,7 +95,7 @@ def test_no_deserializer_that_runs_code_reads_stored_bytes(source):
 
 def test_the_format_decodes_with_struct_only():
     assert imported_modules(PACKAGE / "storage" / "format.py") == {
-        "__future__", "struct", "dataclasses", "google_crc32c"}
+        "__future__", "struct", "dataclasses", "crc32c"}
 
 
 def crafted(ndim=1, payload_len=100, shape=(100,)):

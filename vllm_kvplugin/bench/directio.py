@@ -39,7 +39,7 @@ def _drop(path: Path) -> None:
         f.unlink()
 
 
-def run(directory: Path, chunk_mib: int = 32, chunks: int = 16, rounds: int = 3,
+def run(directory: Path, chunk_mib: int = 32, chunks: int = 16, rounds: int = 5,
         progress: Callable[[str], None] = print) -> DirectIOResult:
     """Write then read ``chunks`` files of ``chunk_mib`` MiB, ours and dd alternating per round."""
     if shutil.which("dd") is None:
@@ -53,25 +53,26 @@ def run(directory: Path, chunk_mib: int = 32, chunks: int = 16, rounds: int = 3,
     header = encode_header(ChunkHeader("k", "int8", (len(payload),), "", len(payload), crc32c(payload)))
     total = chunks * len(payload)
     samples = {"w": [], "r": [], "dw": [], "dr": []}
-    for _ in range(rounds):
+    # dd's best case: one process, one file, the same bytes in chunk-sized direct I/Os.
+    dd = ["dd", f"bs={chunk_mib}M", f"count={chunks}", "status=none"]
+
+    def timed(key: str, action: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        action()
+        samples[key].append(total / (time.perf_counter() - start) / 1e9)
+
+    steps = {
+        "w": lambda: [io.write(str(ours_dir / f"c{i}"), header, memoryview(payload)) for i in range(chunks)],
+        "dw": lambda: subprocess.run([*dd, "if=/dev/zero", f"of={dd_dir / 'all'}", "oflag=direct"], check=True),
+        "r": lambda: [io.read(str(ours_dir / f"c{i}"), "k") for i in range(chunks)],
+        "dr": lambda: subprocess.run([*dd, f"if={dd_dir / 'all'}", "of=/dev/null", "iflag=direct"], check=True),
+    }
+    for n in range(rounds):  # each pair back to back, who goes first alternating: the VM's drift hits both
         _drop(ours_dir)
         _drop(dd_dir)
-        start = time.perf_counter()
-        for i in range(chunks):
-            io.write(str(ours_dir / f"c{i}"), header, memoryview(payload))
-        samples["w"].append(total / (time.perf_counter() - start) / 1e9)
-        start = time.perf_counter()
-        for i in range(chunks):
-            io.read(str(ours_dir / f"c{i}"), "k")
-        samples["r"].append(total / (time.perf_counter() - start) / 1e9)
-        # dd's best case: one process, one file, the same bytes in chunk-sized direct I/Os.
-        dd = ["dd", f"bs={chunk_mib}M", f"count={chunks}", "status=none"]
-        start = time.perf_counter()
-        subprocess.run([*dd, "if=/dev/zero", f"of={dd_dir / 'all'}", "oflag=direct"], check=True)
-        samples["dw"].append(total / (time.perf_counter() - start) / 1e9)
-        start = time.perf_counter()
-        subprocess.run([*dd, f"if={dd_dir / 'all'}", "of=/dev/null", "iflag=direct"], check=True)
-        samples["dr"].append(total / (time.perf_counter() - start) / 1e9)
+        for pair in (("w", "dw"), ("r", "dr")):
+            for key in pair if n % 2 == 0 else reversed(pair):
+                timed(key, steps[key])
     _drop(ours_dir)
     _drop(dd_dir)
     med = {k: statistics.median(v) for k, v in samples.items()}

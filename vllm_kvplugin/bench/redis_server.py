@@ -11,6 +11,7 @@ empty, as a replaced cache node would.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -73,6 +74,15 @@ class RedisServer:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP, as a hung node: connections stay open, nothing answers until :meth:`thaw`."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         return self.start()
