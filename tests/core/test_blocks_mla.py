@@ -15,6 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.core.test_blocks import as_bytes, random_bytes
+from tests.core.test_blocks import block_ids_strategy as block_ids
 from vllm_kvplugin.bench.layouts import LAYOUTS, vllm_style_views
 from vllm_kvplugin.kv import PagedKVBlocks
 
@@ -23,20 +25,6 @@ WORDS = (torch.complex128, torch.int64, torch.int32)
 # the other latent sizes vLLM's MLA backends accept.
 LATENTS = [(torch.bfloat16, 576), (torch.float16, 576), (torch.float32, 576), (torch.uint8, 656),
            (torch.bfloat16, 320), (torch.bfloat16, 512)]
-
-
-def random_bytes(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-128, 128, (nbytes,), dtype=torch.int8, generator=g).view(dtype)
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int8)
-
-
-def block_ids(num_blocks: int):
-    return st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=num_blocks, unique=True)
 
 
 def round_trip(src_layers, dst_layers, ids, mover=PagedKVBlocks) -> tuple[torch.Tensor, list[str]]:

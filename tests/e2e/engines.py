@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,26 @@ def run_engine(spec: dict, tmp_path: Path, name: str, **env) -> dict:
     result = json.loads(out_path.read_text())
     result["log"] = log_path.read_text()
     return result
+
+
+def directio_connector(directory, role: str = "kv_both", chunk: int = 64, **kv) -> dict:
+    """Our connector with the direct-I/O tier in ``directory`` as its only tier (LMCache's CPU tier off)."""
+    return {
+        "kv_connector": "LMCachePortableConnector", "kv_role": role, **kv,
+        "kv_connector_extra_config": {
+            "lmcache.chunk_size": chunk, "lmcache.local_cpu": False, "lmcache.max_local_cpu_size": 0.2,
+            "kvplugin.directio.path": str(directory), "kvplugin.directio.max_size_gb": 0.5,
+        },
+    }
+
+
+@contextmanager
+def all_ready(servers):
+    """Servers started side by side (``VllmServer`` starts on construction); all stopped on exit."""
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

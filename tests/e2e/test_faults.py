@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import run_engine
+from tests.e2e.engines import directio_connector, run_engine
 from vllm_kvplugin.storage.format import HEADER_SIZE
 
 pytestmark = pytest.mark.e2e
@@ -36,18 +36,7 @@ def prompts():
 
 
 def tier_config(directory: Path, policy: str = "recompute") -> dict:
-    return {
-        "kv_connector": "LMCachePortableConnector",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": policy,
-        "kv_connector_extra_config": {
-            "lmcache.chunk_size": CHUNK,
-            "lmcache.local_cpu": False,
-            "lmcache.max_local_cpu_size": 0.2,
-            "kvplugin.directio.path": str(directory),
-            "kvplugin.directio.max_size_gb": 0.5,
-        },
-    }
+    return directio_connector(directory, chunk=CHUNK, kv_load_failure_policy=policy)
 
 
 def flip(path: str, offset: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import engine_env
+from tests.e2e.engines import all_ready, directio_connector, engine_env
 from vllm_kvplugin.demo.model import random_prompt
 from vllm_kvplugin.demo.server import VllmServer
 
@@ -23,20 +23,6 @@ pytestmark = pytest.mark.e2e
 CHUNK = 64
 WORDS = 500  # 501 tokens with BOS: 7 whole chunks
 EXPECTED_HIT = (WORDS + 1) // CHUNK * CHUNK
-
-
-def shared_dir_connector(role: str, directory: Path) -> dict:
-    return {
-        "kv_connector": "LMCachePortableConnector",
-        "kv_role": role,
-        "kv_connector_extra_config": {
-            "lmcache.chunk_size": CHUNK,
-            "lmcache.local_cpu": False,
-            "lmcache.max_local_cpu_size": 0.2,
-            "kvplugin.directio.path": str(directory),
-            "kvplugin.directio.max_size_gb": 0.5,
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +34,11 @@ def shared(tmp_path_factory):
 def pd_pair(shared, tmp_path_factory, tiny_model):
     logs = tmp_path_factory.mktemp("pd-pair")
     servers = [
-        VllmServer(tiny_model, shared_dir_connector(role, shared), logs / f"{role}.log", env=engine_env())
+        VllmServer(tiny_model, directio_connector(shared, role), logs / f"{role}.log", env=engine_env())
         for role in ("kv_producer", "kv_consumer")
     ]
-    try:
-        for server in servers:
-            server.wait_ready()
+    with all_ready(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def chunk_files(directory: Path) -> set[Path]:

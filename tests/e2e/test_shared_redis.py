@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.engines import engine_env
+from tests.e2e.engines import all_ready, engine_env
 from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.demo.model import random_prompt
 from vllm_kvplugin.demo.server import VllmServer
@@ -61,13 +61,8 @@ def pair(redis, tmp_path_factory, tiny_model):
         VllmServer(tiny_model, redis_connector(redis.url), logs / f"{name}.log", env=engine_env())
         for name in ("a", "b")
     ]
-    try:
-        for server in servers:
-            server.wait_ready()
+    with all_ready(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def fresh_prompt(rng: random.Random) -> str:

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """vLLM-CPU-like paged KV for LMCache-level tests: LBHNC views ``[B, H, N, 2*D]`` bf16 over one buffer."""
 
+import time
+
 import torch
 
 
@@ -19,3 +21,11 @@ def slot_mapping(block_table: list[int], num_tokens: int, block: int) -> torch.T
     """vLLM's per-token slots for a request whose blocks are ``block_table``."""
     pos = torch.arange(num_tokens)
     return torch.tensor(block_table)[pos // block] * block + pos % block
+
+
+def wait_for_lookup(engine, tokens, expected: int, timeout: float = 20.0) -> int:
+    """Hit tokens once ``expected`` are visible (asynchronous tiers), or what is visible at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (hit := engine.lookup(tokens)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hit

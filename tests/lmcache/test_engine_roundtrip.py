@@ -1,15 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """A real LMCacheEngine on CPU with the portable mover: store -> lookup -> retrieve, bit-exact."""
 
-import time
-import uuid
 
 import pytest
 import torch
-from lmcache.v1.cache_engine import LMCacheEngineBuilder
-from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
-from kv_helpers import paged_kv, slot_mapping
+from kv_helpers import paged_kv, slot_mapping, wait_for_lookup
 
 from vllm_kvplugin.devices import DeviceOps
 from vllm_kvplugin.lmcache import gpu_connector
@@ -28,34 +24,16 @@ def slots(block_table, num_tokens):
 
 
 @pytest.fixture
-def make_engine(tmp_path):
-    ids = []
-
+def make_engine(mover_engines):
     def make(**config):
-        cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, **config)
         md = LMCacheMetadata(
             model_name="kvplugin-test", world_size=1, local_world_size=1, worker_id=0,
             local_worker_id=0, kv_dtype=torch.bfloat16,
             kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,
         )
-        engine_id = f"test-{uuid.uuid4()}"
-        ids.append(engine_id)
-        engine = LMCacheEngineBuilder.get_or_create(
-            engine_id, cfg, md, PortableGPUConnector(md, BLOCK), lambda t, s: t, lambda o, s: o
-        )
-        engine.post_init()
-        return engine
+        return mover_engines(md, BLOCK, **config)
 
-    yield make
-    for engine_id in ids:
-        LMCacheEngineBuilder.destroy(engine_id)
-
-
-def wait_for_lookup(engine, tokens, expected, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while (hit := engine.lookup(tokens)) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return hit
+    return make
 
 
 @pytest.mark.parametrize(

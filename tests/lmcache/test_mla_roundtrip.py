@@ -8,16 +8,12 @@ qk_rope_head_dim`` per token, no V), so each chunk's host object is
 vLLM blocks, which are ``[B, 1, N, C]`` per layer.
 """
 
-import time
-import uuid
 
 import pytest
 import torch
-from lmcache.v1.cache_engine import LMCacheEngineBuilder
-from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.metadata import LMCacheMetadata
-from kv_helpers import slot_mapping
+from kv_helpers import slot_mapping, wait_for_lookup
 
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 
@@ -45,30 +41,8 @@ def metadata(kv_size=1, use_mla=True) -> LMCacheMetadata:
 
 
 @pytest.fixture
-def mla_engine(tmp_path):
-    ids = []
-
-    def make(**config):
-        md = metadata()
-        engine_id = f"test-mla-{uuid.uuid4()}"
-        ids.append(engine_id)
-        engine = LMCacheEngineBuilder.get_or_create(
-            engine_id, LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, **config), md,
-            PortableGPUConnector(md, BLOCK), lambda t, s: t, lambda o, s: o,
-        )
-        engine.post_init()
-        return engine
-
-    yield make
-    for engine_id in ids:
-        LMCacheEngineBuilder.destroy(engine_id)
-
-
-def wait_for_lookup(engine, tokens, expected, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while (hit := engine.lookup(tokens)) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return hit
+def mla_engine(mover_engines):
+    return lambda **config: mover_engines(metadata(), BLOCK, **config)
 
 
 @pytest.mark.parametrize("squeezed", [False, True], ids=["B1NC", "BNC"])
