@@ -7,9 +7,13 @@ effects. One class, two instances: ``role=SCHEDULER`` in the engine core
 decides what to load and save, ``role=WORKER`` moves the bytes.
 
 All of LMCache's vLLM adapter logic (lookup, load/save decisions, request
-tracking, async save) is reused as is: these classes subclass LMCache's own
-dynamic connector and only make sure that, on the worker, the LMCache engine it
-adopts carries the portable KV mover (:mod:`vllm_kvplugin.lmcache.engine`).
+tracking) is reused as is: these classes subclass LMCache's own dynamic
+connector and only add what the portable path needs: on the worker, the
+LMCache engine it adopts carries the portable KV mover
+(:mod:`vllm_kvplugin.lmcache.engine`); a load that raises becomes a reported
+load error instead of a dead engine (:mod:`vllm_kvplugin.lmcache.load_guard`);
+vLLM's producer/consumer roles are honoured strictly; and the counters of
+:mod:`vllm_kvplugin.metrics` reach vLLM's stats.
 """
 
 from __future__ import annotations
