@@ -171,7 +171,8 @@ def test_full_disk_skips_stores_keeps_earlier_hits_and_leaves_nothing_half_writt
     assert tier.skipped_stores >= 11 and files + tier.skipped_stores == 18
     assert len(tier.directory._index) == files
     skipped = [r.getMessage() for r in tier_log if "could not store a chunk" in r.getMessage()]
-    assert len(skipped) == 1 and "ENOSPC" in skipped[0]  # one line, not one per chunk
+    # One line per kind of error, then at most one a minute (a slow machine may see a second).
+    assert 1 <= len(skipped) <= 3 and "ENOSPC" in skipped[0]
     hits, dst = load(engine, sequence(0))
     assert hits == 96
     assert_loaded(first, dst)
