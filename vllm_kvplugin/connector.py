@@ -12,18 +12,23 @@ connector and only add what the portable path needs: on the worker, the
 LMCache engine it adopts carries the portable KV mover
 (:mod:`vllm_kvplugin.lmcache.engine`); a load that raises becomes a reported
 load error instead of a dead engine (:mod:`vllm_kvplugin.lmcache.load_guard`);
-vLLM's producer/consumer roles are honoured strictly; and the counters of
-:mod:`vllm_kvplugin.metrics` reach vLLM's stats.
+stores can run behind the forward pass under vLLM's asynchronous save contract
+(:mod:`vllm_kvplugin.lmcache.async_save`); vLLM's producer/consumer roles are
+honoured strictly; and the counters of :mod:`vllm_kvplugin.metrics` reach
+vLLM's stats.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch  # noqa: F401  - must precede lmcache (its native lib dlopens libc10)
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
+from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules outside "vllm."
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.logger import init_logger
 
-from vllm_kvplugin.lmcache.engine import create_worker_engine, prepare_config
+from vllm_kvplugin.lmcache.async_save import BackgroundSaver, PortableConnectorMetadata
+from vllm_kvplugin.lmcache.engine import create_worker_engine, prepare_config, save_mode
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 from vllm_kvplugin.lmcache.load_guard import blocks_to_load
 from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler
@@ -56,6 +61,13 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         self._loads = vllm_config.kv_transfer_config.kv_role != "kv_producer"
         self._block_size = vllm_config.cache_config.block_size
         self._failed_loads: set[int] = set()  # blocks of loads that raised (load_guard)
+        self._async_save = save_mode(vllm_config) == "async"
+        self._kept: set[str] = set()  # engine core: finished requests whose blocks wait for a save
+        self._saver = None
+        if self._async_save and role == KVConnectorRole.WORKER:
+            self._saver = BackgroundSaver(self._save_step)
+            logger.info("KV stores run on a background thread (kvplugin.save_mode=async)")
+        self._save_thread = threading.local()  # worker: the step the save thread is storing
         if role == KVConnectorRole.WORKER and self._adapter.lmcache_engine is not self._portable_engine:
             raise RuntimeError(
                 "LMCache did not adopt the portable engine: "
@@ -81,11 +93,63 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
             self._failed_loads |= failed
 
     def wait_for_save(self) -> None:
-        """Worker: LMCache's store; if it raises, the chunks are simply not cached."""
+        """Worker: LMCache's store, now or (async save mode) queued behind the forward pass."""
+        if self._saver is None:
+            self._save_step(self._get_connector_metadata())
+        else:
+            self._saver.submit(self._get_connector_metadata())
+
+    def _save_step(self, metadata) -> None:
+        """Worker (forward or save thread): store one step; if it raises, the chunks stay uncached."""
+        self._save_thread.metadata = metadata
         try:
             super().wait_for_save()
         except Exception:
             logger.exception("KV store failed; those chunks stay uncached")
+        finally:
+            self._save_thread.metadata = None
+
+    # -- the step's metadata and the asynchronous save contract (async_save) --
+
+    def build_connector_meta(self, scheduler_output) -> PortableConnectorMetadata:
+        """Engine core: LMCache's step metadata, plus which requests were kept and preempted."""
+        kept, self._kept = frozenset(self._kept), set()
+        return PortableConnectorMetadata(
+            super().build_connector_meta(scheduler_output),
+            kept=kept,
+            preempted=frozenset(scheduler_output.preempted_req_ids or ()),
+        )
+
+    def bind_connector_metadata(self, connector_metadata: PortableConnectorMetadata) -> None:
+        """Worker, before the step's loads and forward: preempted requests' saves must be done."""
+        super().bind_connector_metadata(connector_metadata)
+        if self._saver is not None:
+            self._saver.before_step(connector_metadata)
+
+    def _get_connector_metadata(self):
+        """LMCache's metadata of the step being served (on the save thread: of the step it stores)."""
+        saving = getattr(self._save_thread, "metadata", None)
+        return saving if saving is not None else super()._get_connector_metadata().lmcache
+
+    def request_finished(self, request, block_ids: list[int]):
+        """Engine core: with async saves, keep the blocks until the workers report the save done."""
+        delay_free, params = super().request_finished(request, block_ids)
+        if self._async_save and block_ids:
+            self._kept.add(request.request_id)
+            delay_free = True
+        return delay_free, params
+
+    def get_finished(self, finished_req_ids: set[str]):
+        """Worker: kept requests whose saves are done, for vLLM to free their blocks."""
+        sending, recving = super().get_finished(finished_req_ids)
+        if self._saver is not None:
+            sending = set(sending or ()) | self._saver.finished(finished_req_ids)
+        return sending or None, recving
+
+    def shutdown(self):
+        if self._saver is not None:
+            self._saver.close()  # queued stores complete: KV computed before shutdown is kept
+        return super().shutdown()
 
     @property
     def _adapter(self):
@@ -138,7 +202,7 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         return None if stats.is_empty() else stats
 
     def _worker_totals(self) -> dict[str, float]:
-        totals = vars(self._portable_engine.gpu_connector.totals).copy()
+        totals = self._portable_engine.gpu_connector.totals.snapshot()
         manager = getattr(self._portable_engine, "storage_manager", None)  # set at post_init
         for backend in getattr(manager, "storage_backends", {}).values():
             if isinstance(getattr(backend, "directory", None), ChunkDirectory):

@@ -4,7 +4,6 @@
 No timing is asserted here (these machines are noisy); exactness and structure are.
 """
 
-import torch
 
 from vllm_kvplugin.bench import report
 from vllm_kvplugin.bench.mover import KVShape, bench_mover

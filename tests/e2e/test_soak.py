@@ -3,7 +3,9 @@
 
 Random lengths, shared prefixes and exact repeats, 8 clients at once, chunked
 prefill (256-token steps), a KV budget small enough to preempt, and every
-tenth request aborted after its first token (the client hangs up). The
+tenth request aborted after its first token (the client hangs up), with
+stores running behind the forward pass (``kvplugin.save_mode: async``): the
+mode whose safety rests on blocks being kept and preemptions waited for. The
 greedy text of every completed request must equal the same request's text on
 a server without a connector. Afterwards nothing may be leaked: vLLM's KV
 cache usage is back to 0 and, read from the worker through a worker
@@ -107,6 +109,7 @@ def cached(tmp_path_factory, tiny_model):
         "kv_connector_extra_config": {
             "lmcache.chunk_size": 64, "lmcache.local_cpu": False, "lmcache.max_local_cpu_size": 0.2,
             "kvplugin.directio.path": str(work / "kv"), "kvplugin.directio.max_size_gb": 0.05,
+            "kvplugin.save_mode": "async",  # every other e2e test runs CPU's default, sync
         },
     }
     with VllmServer(tiny_model, kv, work / "server.log", env=soak_env(), **SERVER_OPTIONS) as srv:
@@ -125,10 +128,13 @@ def test_soak_tokens_equal_a_server_without_connector(baseline, cached):
           f"{REQUESTS // ABORT_EVERY} aborted; hit tokens {hit_tokens:.0f}; preemptions {preemptions:.0f}")
     assert differing == []
     assert hit_tokens > 0 and preemptions > 0  # the cache served, and the KV budget forced preemption
+    assert "KV stores run on a background thread" in server.log_path.read_text()  # async mode engaged
 
 
 def test_soak_leaks_no_blocks_buffers_or_pins(cached):
     _, server = cached
     assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
     assert metric(server, "vllm:num_requests_running") == 0.0
-    assert worker_buffers(server) == [{"host_pool_allocated_bytes": 0, "pinned_chunk_files": 0}]
+    assert worker_buffers(server) == [
+        {"host_pool_allocated_bytes": 0, "pinned_chunk_files": 0, "unsettled_async_saves": 0}
+    ]

@@ -3,8 +3,9 @@
 
 Runs inside each vLLM worker process. It only reads: how many bytes of
 LMCache's host buffer pool are allocated and how many direct-I/O chunk files
-are pinned. With LMCache's CPU tier off, both must be back to zero once no
-request is in flight — anything else is a leaked buffer or pin.
+are pinned, and (async saves) how many requests the background saver still
+tracks. With LMCache's CPU tier off, all must be back to zero once no request
+is in flight — anything else is a leaked buffer, pin or kept block.
 """
 
 
@@ -12,11 +13,14 @@ class KVPluginProbe:
     def kvplugin_buffers(self) -> dict:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        engine = get_kv_transfer_group()._portable_engine
+        connector = get_kv_transfer_group()
+        engine = connector._portable_engine
         manager = engine.storage_manager
         allocator = manager.local_cpu_backend.memory_allocator.pin_allocator
         pins = 0
         for backend in manager.storage_backends.values():
             directory = getattr(backend, "directory", None)
             pins += sum(n for n in getattr(directory, "_pinned", {}).values() if n > 0)
-        return {"host_pool_allocated_bytes": allocator.total_allocated_size, "pinned_chunk_files": pins}
+        saver = connector._saver  # kvplugin.save_mode=async only
+        return {"host_pool_allocated_bytes": allocator.total_allocated_size, "pinned_chunk_files": pins,
+                "unsettled_async_saves": None if saver is None else saver.unsettled()}

@@ -22,7 +22,10 @@ REFUSED = [
      "unknown kv_connector_extra_config key(s) ['kvplugin.directio.pth']; valid keys: "
      "kvplugin.directio.path: directory of the direct-I/O tier (enables it); "
      "kvplugin.directio.max_size_gb: size budget of that directory, GB (default 10); "
-     "kvplugin.directio.io_threads: writer threads (default 2)"),
+     "kvplugin.directio.io_threads: writer threads (default 2); "
+     "kvplugin.save_mode: async (store behind the forward pass) or sync (inside it); "
+     "default async on CUDA/ROCm, sync on CPU and HPU"),
+    ({"kvplugin.save_mode": "later"}, "kvplugin.save_mode must be one of sync, async, got 'later'"),
     ({"kvplugin.directio.path": ""}, "kvplugin.directio.path must name a directory, got ''"),
     ({"kvplugin.directio.path": 5}, "kvplugin.directio.path must name a directory, got 5"),
     ({"kvplugin.directio.max_size_gb": 1}, "kvplugin.directio.path must name a directory, got None"),

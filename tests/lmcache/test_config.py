@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvplugin.lmcache.engine import check_supported, prepare_config
+from vllm_kvplugin.lmcache.engine import check_supported, prepare_config, save_mode
 
 
 def vllm_config(extra, block_size=32):
@@ -37,3 +37,26 @@ def test_settings_that_would_move_partial_blocks_are_refused(settings, problem):
         setattr(config, key, value)
     with pytest.raises(ValueError, match=problem):
         check_supported(config, 32)
+
+
+def connector_config(device: str, role: str = "kv_both", **extra):
+    return SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_role=role, kv_connector_extra_config=extra),
+        device_config=SimpleNamespace(device=device),
+    )
+
+
+@pytest.mark.parametrize(
+    "device, role, extra, mode",
+    [
+        ("cpu", "kv_both", {}, "sync"),  # measured: no gain on CPU (BENCHMARKS.md, P4)
+        ("cuda", "kv_both", {}, "async"),
+        ("hpu", "kv_both", {}, "sync"),
+        ("cuda", "kv_producer", {}, "async"),
+        ("cpu", "kv_both", {"kvplugin.save_mode": "async"}, "async"),
+        ("cuda", "kv_both", {"kvplugin.save_mode": "sync"}, "sync"),
+        ("cuda", "kv_consumer", {"kvplugin.save_mode": "async"}, "sync"),  # a consumer saves nothing
+    ],
+)
+def test_save_mode_follows_device_role_and_setting(device, role, extra, mode):
+    assert save_mode(connector_config(device, role, **extra)) == mode

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+import torch  # noqa: F401  - must precede lmcache (its native lib dlopens libc10)
 
 from vllm_kvplugin import plugin
 
@@ -77,7 +77,7 @@ def test_environment_defaults_never_override_the_user(tmp_path, env, config_text
 
 
 _CHUNK_HASHES = """
-import torch
+import torch  # noqa: F401  - must precede lmcache (its native lib dlopens libc10)
 from vllm_kvplugin.plugin import prepare_process
 prepare_process()
 from lmcache.v1.config import LMCacheEngineConfig

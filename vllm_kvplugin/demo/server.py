@@ -134,12 +134,23 @@ class VllmServer:
             (last - ttft) if ttft is not None else 0.0,
         )
 
-    def reset_prefix_cache(self) -> None:
-        """Drop vLLM's own prefix cache (needs ``VLLM_SERVER_DEV_MODE=1``); the connector's is kept."""
-        req = urllib.request.Request(self.base_url + "/reset_prefix_cache", data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            if r.status != 200 or json.load(r).get("success") is False:
+    def reset_prefix_cache(self, timeout: float = 30.0) -> None:
+        """Drop vLLM's own prefix cache (needs ``VLLM_SERVER_DEV_MODE=1``); the connector's is kept.
+
+        vLLM refuses while blocks are held, e.g. by a finished request whose
+        asynchronous save is still running, and says to retry. Once it
+        succeeds, every finished request's save is done, so the next request
+        can only find its KV in the connector.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            req = urllib.request.Request(self.base_url + "/reset_prefix_cache", data=b"", method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                if r.status == 200 and json.load(r).get("success") is not False:
+                    return
+            if time.monotonic() > deadline:
                 raise RuntimeError("vLLM refused to reset its prefix cache")
+            time.sleep(0.02)
 
     def log_tail(self, n: int = 4000) -> str:
         self._log.flush()

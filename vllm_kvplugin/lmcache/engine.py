@@ -28,6 +28,7 @@ from lmcache.v1.config_base import validate_and_set_config_value
 
 from vllm_kvplugin import KV_FORMAT_VERSION
 from vllm_kvplugin.devices import device_ops
+from vllm_kvplugin.lmcache.async_save import SAVE_MODES
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 
 logger = init_logger(__name__)
@@ -40,7 +41,10 @@ _OUR_KEYS = {
     "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
     "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
     "kvplugin.directio.io_threads": "writer threads (default 2)",
+    "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
+    "default async on CUDA/ROCm, sync on CPU and HPU",
 }
+_SAVE_MODE_KEY = "kvplugin.save_mode"
 
 
 def prepare_config(vllm_config) -> LMCacheEngineConfig:
@@ -79,8 +83,11 @@ def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int
     if unknown:
         valid = "; ".join(f"{k}: {doc}" for k, doc in _OUR_KEYS.items())
         raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
-    if any(k in _OUR_KEYS for k in extra):  # a size or thread count without a path is refused too
+    if any(k.startswith("kvplugin.directio.") for k in extra):  # a size without a path is refused too
         _enable_directio(config, extra)
+    mode = extra.get(_SAVE_MODE_KEY)
+    if mode is not None and mode not in SAVE_MODES:
+        raise ValueError(f"{_SAVE_MODE_KEY} must be one of {', '.join(SAVE_MODES)}, got {mode!r}")
     check_supported(config, block_size)
     return config
 
@@ -121,6 +128,26 @@ def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
         tier["extra_config"][THREADS_KEY] = settings.io_threads
     config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
     config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
+
+
+def save_mode(vllm_config) -> str:
+    """``async`` or ``sync``: how this connector stores (:mod:`vllm_kvplugin.lmcache.async_save`).
+
+    Both roles read it from the same config, so the engine core keeps finished
+    requests' blocks exactly when the workers save in the background. A consumer
+    stores nothing, so it has nothing to save asynchronously. The default is
+    async on CUDA/ROCm, where a copy engine moves the bytes beside the compute;
+    sync on CPU, where the store's copies share the cores with the forward pass
+    (measured: BENCHMARKS.md, P4), and on HPU, whose lazy mode builds graphs per
+    thread (a second thread issuing device copies is not verified there).
+    """
+    transfer = vllm_config.kv_transfer_config
+    if transfer.kv_role == "kv_consumer":
+        return "sync"
+    configured = (transfer.kv_connector_extra_config or {}).get(_SAVE_MODE_KEY)
+    if configured is not None:
+        return configured
+    return "async" if torch.device(vllm_config.device_config.device).type == "cuda" else "sync"
 
 
 def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:

@@ -15,8 +15,9 @@ fingerprint, so no engine reads them with a different layout.
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
@@ -39,6 +40,7 @@ class TransferTotals:
     Read by the worker's stats sampler (:mod:`vllm_kvplugin.metrics`), which
     reports increments. Seconds are wall time inside a batched call, which
     already ends with the device synchronised (no extra sync for counting).
+    Stores may run on the save thread while loads run on the forward thread.
     """
 
     loaded_tokens: int = 0
@@ -47,8 +49,17 @@ class TransferTotals:
     stored_tokens: int = 0
     stored_bytes: int = 0
     store_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def record(self, to_host: bool, tokens: int, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._add(to_host, tokens, nbytes, seconds)
+
+    def _add(self, to_host: bool, tokens: int, nbytes: int, seconds: float) -> None:
         if to_host:
             self.stored_tokens += tokens
             self.stored_bytes += nbytes
@@ -79,7 +90,7 @@ class PortableGPUConnector(GPUConnectorInterface):
         self.block_size = block_size
         self.blocks: PagedKVBlocks | None = None
         self._registered: tuple[int, ...] = ()
-        self._staging: torch.Tensor | None = None
+        self._staging: dict[bool, torch.Tensor] = {}  # per direction: a store and a load may overlap
         self.totals = TransferTotals()
 
     # -- LMCache contract ------------------------------------------------
@@ -122,7 +133,7 @@ class PortableGPUConnector(GPUConnectorInterface):
             # Accelerators: whole blocks go through one reused device buffer. Chunks
             # are queued in stream order, so reusing it between chunks is safe.
             staged = True
-            staging = self._staging_for(blocks, host)
+            staging = self._staging_for(blocks, host, to_host)
             host_bytes = host.view(-1).view(torch.int8)
             if to_host:
                 blocks.gather(ids, staging)
@@ -170,9 +181,14 @@ class PortableGPUConnector(GPUConnectorInterface):
             )
         return torch.div(slot_mapping[start:end:self.block_size], self.block_size, rounding_mode="floor")
 
-    def _staging_for(self, blocks: PagedKVBlocks, host: torch.Tensor) -> torch.Tensor:
-        """A device buffer of the chunk's size, kept and grown rather than allocated per call."""
+    def _staging_for(self, blocks: PagedKVBlocks, host: torch.Tensor, to_host: bool) -> torch.Tensor:
+        """A device buffer of the chunk's size, kept and grown rather than allocated per call.
+
+        One per direction: with async saves a store (save thread) and a load
+        (forward thread) can be in flight at once.
+        """
         nbytes = host.numel() * host.element_size()
-        if self._staging is None or self._staging.numel() < nbytes:
-            self._staging = torch.empty(nbytes, dtype=torch.int8, device=blocks.device)
-        return self._staging[:nbytes]
+        staging = self._staging.get(to_host)
+        if staging is None or staging.numel() < nbytes:
+            staging = self._staging[to_host] = torch.empty(nbytes, dtype=torch.int8, device=blocks.device)
+        return staging[:nbytes]
