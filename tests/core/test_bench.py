@@ -4,7 +4,6 @@
 No timing is asserted here (these machines are noisy); exactness and structure are.
 """
 
-
 from vllm_kvplugin.bench import report
 from vllm_kvplugin.bench.mover import KVShape, bench_mover
 from vllm_kvplugin.bench.serving import Floors, LengthResult, MissResult
@@ -36,13 +35,18 @@ def test_serving_report_and_plot(tmp_path):
         LengthResult(1024, [0.2], [0.03], [0.21], [0.035], [0.06], [0.002], [0.012], 1023),
         LengthResult(4096, [1.1], [0.05], [1.05], [0.06], [], [0.004], [], 4095, "ExampleConnector failed: boom"),
     ]
-    miss = MissResult({"no connector": 0.2, "LMCachePortableConnector": 0.21},
-                      {"no connector": 100.0, "LMCachePortableConnector": 99.0},
-                      {"no connector": 0.010, "LMCachePortableConnector": 0.0102})
+    both = ("LMCachePortableConnector", "LMCachePortableConnector, async save")
+    miss = MissResult({"no connector": 0.2, both[0]: 0.21, both[1]: 0.2},
+                      {"no connector": 100.0, both[0]: 99.0, both[1]: 101.0},
+                      {"no connector": 0.010, both[0]: 0.0102, both[1]: 0.0112},
+                      {both[0]: [0.004, 0.006, 0.005], both[1]: [0.0001]})
     table = report.ttft_table(results, Floors(ours_s=0.02, example_s=0.02))
     assert "| 1024 | 200 | 30 | 35 | 60 |" in table and "ExampleConnector failed: boom" in table
     assert "| 2.0 / 12.0 | 6.0x (yes) |" in table
-    assert "0.990x" in report.miss_table(results, miss)
+    misses = report.miss_table(results, miss)
+    assert "| throughput, same batches | 100.00 tok/s | 99.00 tok/s | 0.990x | 101.00 tok/s | 1.010x | yes |" in misses
+    assert "| 10.20 ms | 1.020x | 11.20 ms | 1.120x | **no** |" in misses
+    assert "| P4: forward thread held by a storing step (median) | - | 5.00 ms | - | 0.10 ms | - | - |" in misses
     png = report.ttft_plot(results, tmp_path / "ttft.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

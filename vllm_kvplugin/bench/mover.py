@@ -71,7 +71,8 @@ def bench_mover(
     ``copy_`` between two fixed buffers (``*_hot``), which on a machine whose L3
     holds much of a chunk partly runs from cache.
     """
-    words = word_dtypes if word_dtypes is not None else device_ops("cpu").word_dtypes()
+    ops = device_ops("cpu")
+    words = word_dtypes if word_dtypes is not None else ops.word_dtypes()
     results = []
     for layout in layouts:
         for block_size in block_sizes:
@@ -83,7 +84,7 @@ def bench_mover(
                 buffer.view(shape.dtype), layout, shape.layers, num_blocks, shape.kv_heads, block_size,
                 block // (shape.kv_heads * block_size * element),
             )
-            blocks = PagedKVBlocks(views, words)
+            blocks = PagedKVBlocks(views, words, ops.max_index_row())
             n = chunk_tokens // block_size
             host = torch.empty(n * blocks.block_bytes, dtype=torch.int8)
             a, b = torch.empty_like(host), torch.empty_like(host)

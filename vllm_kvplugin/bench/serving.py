@@ -35,21 +35,25 @@ BENCH_SHAPE = ModelShape(
 # Both connectors wrapped identically to log their load times (vllm_kvplugin.bench.timed).
 OURS = {"kv_connector": "TimedPortableConnector", "kv_connector_module_path": "vllm_kvplugin.bench.timed",
         "kv_role": "kv_both", "kv_connector_extra_config": {"lmcache.max_local_cpu_size": 2.0}}
+OURS_ASYNC = OURS | {"kv_connector_extra_config": OURS["kv_connector_extra_config"] | {"kvplugin.save_mode": "async"}}
 EXAMPLE = {"kv_connector": "TimedExampleConnector", "kv_connector_module_path": "vllm_kvplugin.bench.timed",
            "kv_role": "kv_both"}
 
 
+BASE_NAME, OURS_NAME, OURS_ASYNC_NAME = "no connector", "LMCachePortableConnector", "LMCachePortableConnector, async save"
+
 LOAD_LOG_ENV = "KVPLUGIN_BENCH_LOAD_LOG"  # read by vllm_kvplugin.bench.timed in the worker
 
 
-def read_new_loads(path: str, seen: int) -> tuple[list[float], int]:
-    """Load times the worker appended since line ``seen``, and the new line count."""
+def read_new_times(path: str, seen: int, kind: str = "load_s") -> tuple[list[float], int]:
+    """Times of ``kind`` (``load_s``, ``save_s``) the worker appended since line ``seen``, and the new line count."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return [], seen
-    return [json.loads(line)["load_s"] for line in lines[seen:]], len(lines)
+    records = (json.loads(line) for line in lines[seen:])
+    return [r[kind] for r in records if kind in r], len(lines)
 
 
 @dataclass
@@ -81,6 +85,8 @@ class MissResult:
     ttft_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: dict[str, float] = field(default_factory=dict)
     inter_token_s: dict[str, float] = field(default_factory=dict)
+    # P4, connectors only: how long a step that stores held the forward thread in wait_for_save
+    save_hold_s: dict[str, list[float]] = field(default_factory=dict)
 
 
 def engine_env() -> dict[str, str]:
@@ -110,13 +116,17 @@ class _Engine:
     def __init__(self, server: VllmServer, loads: Path):
         self.server, self._loads, self._seen = server, str(loads), 0
 
+    def new_times(self, kind: str) -> list[float]:
+        """The worker's ``kind`` times logged since the last call (see :mod:`vllm_kvplugin.bench.timed`)."""
+        times, self._seen = read_new_times(self._loads, self._seen, kind)
+        return times
+
     def warm(self, prompt: str) -> tuple[float, float, int]:
         """Drop vLLM's prefix cache, resend ``prompt``: (TTFT, KV load seconds, cached tokens)."""
         self.server.reset_prefix_cache()
-        _, self._seen = read_new_loads(self._loads, self._seen)
+        self.new_times("load_s")
         out = self.server.complete(prompt, max_tokens=1)
-        new, self._seen = read_new_loads(self._loads, self._seen)
-        return out.ttft_s, sum(new), out.cached_tokens
+        return out.ttft_s, sum(self.new_times("load_s")), out.cached_tokens
 
 
 def run(
@@ -151,10 +161,12 @@ def run(
         return _Engine(srv, loads)
 
     with tempfile.TemporaryDirectory(dir=workdir) as store, ExitStack() as stack:
-        progress("starting vllm serve: no connector, LMCachePortableConnector" + (", ExampleConnector" if ttft else ""))
+        progress("starting vllm serve: no connector, LMCachePortableConnector" + (", ExampleConnector" if ttft else "")
+                 + (", LMCachePortableConnector with async saves" if miss else ""))
         base, ours = start("no-connector", None), start("lmcache-portable", OURS)
         example = start("example-connector", EXAMPLE | {"kv_connector_extra_config": {"shared_storage_path": store}}) if ttft else None
-        engines = [e for e in (base, ours, example) if e is not None]
+        ours_async = start("lmcache-portable-async", OURS_ASYNC) if miss else None
+        engines = [e for e in (base, ours, example, ours_async) if e is not None]
         for e in engines:  # stop every server on the way out, even if another never came up
             stack.callback(e.server.stop)
         for e in engines:
@@ -191,8 +203,16 @@ def run(
                      f"{_ms(r.ours_cold_s)}, warm {_ms(r.ours_warm_s)}, load {_ms(r.ours_load_s)} | Example warm "
                      f"{_ms(r.example_warm_s)}, load {_ms(r.example_load_s)} {r.example_error}")
         if miss:
-            _miss({"no connector": base.server, "LMCachePortableConnector": ours.server},
+            _floor(ours_async, prompts)
+            connectors = {OURS_NAME: ours, OURS_ASYNC_NAME: ours_async}
+            for engine in connectors.values():
+                engine.new_times("save_s")  # only the miss rounds' stores count below
+            _miss({BASE_NAME: base.server} | {name: e.server for name, e in connectors.items()},
                   prompts, miss_prompts, miss_result, progress)
+            for name, engine in connectors.items():
+                miss_result.save_hold_s[name] = engine.new_times("save_s")
+                progress(f"P4 ({name}): a storing step held the forward thread {_ms(miss_result.save_hold_s[name])} "
+                         f"(median of {len(miss_result.save_hold_s[name])} steps)")
     return results, miss_result, floors
 
 
@@ -243,4 +263,4 @@ def _miss(servers: dict[str, VllmServer], prompts, count: int, out: MissResult, 
 
 
 def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.1f} ms" if values else "-"
+    return f"{statistics.median(values) * 1000:.2f} ms" if values else "-"

@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Connectors that time their own KV loads, for the TTFT benchmark only.
+"""Connectors that time their own KV loads (and ours its stores), for the serving benchmark only.
 
 Runs in the vLLM worker process of a benchmark engine. Both wrap
 ``start_load_kv`` identically and append ``{"load_s": ...}`` lines to the file
 named by ``KVPLUGIN_BENCH_LOAD_LOG``, so the benchmark compares load times
 measured the same way for our connector and vLLM's ``ExampleConnector``,
 without the per-request costs (HTTP, tokenisation, scheduling) that dominate
-a warm TTFT on CPU.
+a warm TTFT on CPU. Ours also logs ``{"save_s": ...}``: how long each step
+that stores KV kept the forward thread in ``wait_for_save`` (P4: with async
+saves, only the hand-off to the save thread).
 """
 
 from __future__ import annotations
@@ -21,19 +23,32 @@ from vllm_kvplugin.bench.serving import LOAD_LOG_ENV
 from vllm_kvplugin.connector import LMCachePortableConnector
 
 
+def _log(**record: float) -> None:
+    path = os.environ.get(LOAD_LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 class _TimedLoads:
     def start_load_kv(self, forward_context, **kwargs) -> None:
         start = time.perf_counter()
         super().start_load_kv(forward_context, **kwargs)
         elapsed = time.perf_counter() - start
-        path = os.environ.get(LOAD_LOG_ENV)
-        if path and elapsed > 1e-4:  # steps that loaded nothing cost microseconds
-            with open(path, "a") as f:
-                f.write(json.dumps({"load_s": elapsed}) + "\n")
+        if elapsed > 1e-4:  # steps that loaded nothing cost microseconds
+            _log(load_s=elapsed)
 
 
 class TimedPortableConnector(_TimedLoads, LMCachePortableConnector):
-    """``LMCachePortableConnector`` that logs how long each KV load took."""
+    """``LMCachePortableConnector`` that logs how long each KV load took, and each store held the forward."""
+
+    def wait_for_save(self) -> None:
+        requests = getattr(self._get_connector_metadata(), "requests", ())
+        stores = any(r.save_spec is not None and r.save_spec.can_save for r in requests)
+        start = time.perf_counter()
+        super().wait_for_save()
+        if stores:
+            _log(save_s=time.perf_counter() - start)
 
 
 class TimedExampleConnector(_TimedLoads, ExampleConnector):

@@ -39,6 +39,13 @@ class DeviceOps:
         """
         return (torch.int64, torch.int32, torch.int16)
 
+    def max_index_row(self) -> int | None:
+        """Longest row, in elements, that this device's index kernels copy at full speed; None: any.
+
+        The KV mover cuts longer rows into equal pieces (:class:`~vllm_kvplugin.kv.PagedKVBlocks`).
+        """
+        return None
+
     def pin_memory_available(self) -> bool:
         """Whether host buffers for this device should be page-locked."""
         return False

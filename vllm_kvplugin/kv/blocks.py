@@ -28,8 +28,10 @@ How a move is done (:class:`PagedKVBlocks` picks the first that applies):
 
 Rows are moved as the widest element type that divides every size, stride and
 offset involved (``word_dtypes``, widest first; index kernels cost per element,
-so 16-byte words move 64 KiB blocks ~10x faster than bytes). The host buffer of
-a move may be any dense tensor of the right byte size.
+so 16-byte words move 64 KiB blocks ~10x faster than bytes), and rows longer
+than the device's index kernels handle well (``max_row_words``) are moved as
+equal pieces. The host buffer of a move may be any dense tensor of the right
+byte size.
 """
 
 from __future__ import annotations
@@ -99,13 +101,20 @@ class PagedKVBlocks:
             tensor whose dim 0 is the block index, or a ``(K, V, ...)`` tuple.
         word_dtypes: element types a move may use, widest first; the device
             module says which its index kernels support. ``int8`` always works.
+        max_row_words: rows longer than this many words are cut into equal
+            pieces for the index kernels (the device module's ``max_index_row``).
 
     Raises:
         ValueError: if the tensors disagree on the number of blocks or device, or
             a tensor's innermost dimension is not dense.
     """
 
-    def __init__(self, kv_caches: KVTensors, word_dtypes: Sequence[torch.dtype] = (torch.int8,)):
+    def __init__(
+        self,
+        kv_caches: KVTensors,
+        word_dtypes: Sequence[torch.dtype] = (torch.int8,),
+        max_row_words: int | None = None,
+    ):
         planes = [_physical_bytes(p) for p in flatten_planes(kv_caches)]
         if not planes:
             raise ValueError("no KV tensors were registered")
@@ -121,6 +130,7 @@ class PagedKVBlocks:
         self._plane_block_bytes = [p[0].numel() for p in planes]
         self.block_bytes = sum(self._plane_block_bytes)
         self._word_dtypes = tuple(word_dtypes) + (torch.int8,)
+        self._max_row_words = max_row_words
         self._fused = self._fuse(planes)
         self.mode = self._mode()
         self._cache: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
@@ -213,11 +223,10 @@ class PagedKVBlocks:
                 break
         if self.mode == "plane-major rows":
             (rows,) = views
-            index = (self._plane_rows + block_ids[None, :]).flatten()
-            yield rows, 0, index, host_words.view(index.numel(), -1)
+            yield self._row_move(rows, (self._plane_rows + block_ids[None, :]).flatten(), host_words)
         elif self.mode == "block-major rows":
             (rows,) = views
-            yield rows, 0, block_ids, host_words.view(n, -1)
+            yield self._row_move(rows, block_ids, host_words)
         elif self.mode == "strided":
             (fused,) = views
             yield fused, 1, block_ids, host_words.view(fused.shape[0], n, *fused.shape[2:])
@@ -227,3 +236,21 @@ class PagedKVBlocks:
                 size = n * plane[0].numel()
                 yield plane, 0, block_ids, host_words[offset : offset + size].view(n, *plane.shape[1:])
                 offset += size
+
+    def _row_move(self, rows: torch.Tensor, index: torch.Tensor, host_words: torch.Tensor):
+        """One index op over whole rows, each cut into ``k`` pieces if longer than ``max_row_words``."""
+        k = self._pieces(rows.shape[1])
+        if k > 1:  # piece j of row i is row i*k + j of the cut table, in host order too
+            rows = rows.view(-1, rows.shape[1] // k)
+            index = (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
+        return rows, 0, index, host_words.view(index.numel(), -1)
+
+    def _pieces(self, row_words: int) -> int:
+        """Fewest equal pieces, none over ``max_row_words``, that a row of ``row_words`` cuts into."""
+        limit = self._max_row_words
+        if limit is None or row_words <= limit:
+            return 1
+        k = -(-row_words // limit)
+        while row_words % k:
+            k += 1
+        return k

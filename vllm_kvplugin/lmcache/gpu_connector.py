@@ -154,7 +154,8 @@ class PortableGPUConnector(GPUConnectorInterface):
     def register(self, kv_caches) -> PagedKVBlocks:
         """Describe the worker's KV tensors (vLLM's ``register_kv_caches`` values)."""
         kv_caches = list(kv_caches)
-        self.blocks = PagedKVBlocks(kv_caches, device_ops(_device_type(kv_caches)).word_dtypes())
+        ops = device_ops(_device_type(kv_caches))
+        self.blocks = PagedKVBlocks(kv_caches, ops.word_dtypes(), ops.max_index_row())
         self._registered = tuple(map(id, kv_caches))
         expected = self.get_shape(self.block_size).numel() * self._element_size()
         if self.blocks.block_bytes != expected:
