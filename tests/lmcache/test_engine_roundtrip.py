@@ -68,6 +68,24 @@ def test_store_lookup_retrieve_is_bit_exact(make_engine, tmp_path, tier):
         assert not d[untouched].any()
 
 
+def test_a_load_fills_the_memory_the_kv_tensors_have_now(make_engine):
+    """Regression: the mover recognised its registered KV by ``id()``. A freed list's ids come back for
+    the next list of the same shape (seen in test_tier_failures, 1 run in 10): a load then filled the
+    old tensors and left the new ones zero under a full hit. Here the same Python tensors are moved
+    onto new memory (``set_``), which is that case made deterministic."""
+    engine = make_engine(local_cpu=True, max_local_cpu_size=0.05)
+    tokens, table = torch.arange(64), [0, 1, 2, 3]
+    src = kv_views(seed=5)
+    engine.store(tokens, kvcaches=src, slot_mapping=slots(table, 64))
+    assert wait_for_lookup(engine, tokens, 64) == 64
+    dst = kv_views()
+    assert int(engine.retrieve(tokens, kvcaches=dst, slot_mapping=slots(table, 64)).sum()) == 64
+    for tensor, fresh in zip(dst, kv_views()):  # same ids, new (zeroed) memory
+        tensor.set_(fresh.untyped_storage(), fresh.storage_offset(), fresh.shape, fresh.stride())
+    assert int(engine.retrieve(tokens, kvcaches=dst, slot_mapping=slots(table, 64)).sum()) == 64
+    assert all(torch.equal(d[:4].view(torch.int8), s[:4].view(torch.int8)) for s, d in zip(src, dst))
+
+
 def test_a_different_prefix_misses(make_engine):
     engine = make_engine(local_cpu=True, max_local_cpu_size=0.05)
     tokens = torch.arange(64)

@@ -26,6 +26,18 @@ from lmcache.v1.metadata import LMCacheMetadata
 
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.kv import PagedKVBlocks
+from vllm_kvplugin.kv.blocks import flatten_planes
+
+
+def _memory_of(kv_caches) -> tuple:
+    """Where a set of KV tensors keeps its bytes, and how it views them.
+
+    Equal only for views of the same memory: the registered blocks hold their
+    tensors' storage, so no other tensor can be allocated at those addresses.
+    (``id()`` is no such key: a freed list's ids are reused by the next one, and
+    a load would then fill the old tensors instead of the new ones.)
+    """
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in flatten_planes(kv_caches))
 
 
 def _device_type(kv_caches) -> str:
@@ -89,7 +101,7 @@ class PortableGPUConnector(GPUConnectorInterface):
         self._dtype = metadata.kv_dtype
         self.block_size = block_size
         self.blocks: PagedKVBlocks | None = None
-        self._registered: tuple[int, ...] = ()
+        self._registered: tuple = ()  # where the registered KV tensors' bytes are (_memory_of)
         self._staging: dict[bool, torch.Tensor] = {}  # per direction: a store and a load may overlap
         self.totals = TransferTotals()
 
@@ -156,7 +168,7 @@ class PortableGPUConnector(GPUConnectorInterface):
         kv_caches = list(kv_caches)
         ops = device_ops(_device_type(kv_caches))
         self.blocks = PagedKVBlocks(kv_caches, ops.word_dtypes(), ops.max_index_row())
-        self._registered = tuple(map(id, kv_caches))
+        self._registered = _memory_of(kv_caches)
         expected = self.get_shape(self.block_size).numel() * self._element_size()
         if self.blocks.block_bytes != expected:
             raise ValueError(
@@ -171,7 +183,7 @@ class PortableGPUConnector(GPUConnectorInterface):
 
     def _blocks(self, kwargs) -> PagedKVBlocks:
         kv_caches = kwargs["kvcaches"]
-        if self.blocks is None or tuple(map(id, kv_caches)) != self._registered:
+        if self.blocks is None or _memory_of(kv_caches) != self._registered:
             return self.register(kv_caches)
         return self.blocks
 
