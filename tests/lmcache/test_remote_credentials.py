@@ -63,11 +63,20 @@ def redis_port():
     proc.wait(timeout=10)
 
 
-def run_engine(url: str, env: dict) -> str:
+def run_engine(url: str, env: dict, attempts: int = 3) -> str:
+    """The engine's output. LMCache 0.5.6's native RESP client sometimes never completes its first
+    ``batch_exists_sync`` future (seen here about 1 run in 10, its own threads idle, no timeout of its
+    own), so a run that hangs is killed and tried again; the log checked is a completed run's."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
-    proc = subprocess.run([sys.executable, "-c", ENGINE, url], capture_output=True, text=True, timeout=180,
-                          env={**clean, "LMCACHE_TRACK_USAGE": "false", **env}, cwd=Path(__file__).parent)
-    return proc.stdout + proc.stderr
+    for attempt in range(attempts):
+        try:
+            proc = subprocess.run([sys.executable, "-c", ENGINE, url], capture_output=True, text=True, timeout=60,
+                                  env={**clean, "LMCACHE_TRACK_USAGE": "false", **env}, cwd=Path(__file__).parent)
+        except subprocess.TimeoutExpired:
+            if attempt == attempts - 1:
+                raise
+            continue
+        return proc.stdout + proc.stderr
 
 
 def test_a_password_in_remote_url_is_logged_by_lmcache(redis_port):

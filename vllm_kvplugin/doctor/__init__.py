@@ -72,7 +72,7 @@ def diagnose(kv_transfer_config: str | None = None, block_size: int | None = Non
         host.check_mover(found, device)
     with found.guard("config"):
         block_size = block_size or host.default_block_size(device)
-        lmcache_config, extra = config.check_config(found, kv_transfer_config, block_size)
+        lmcache_config, extra = config.check_config(found, kv_transfer_config, block_size, device)
         config.check_hash(found, lmcache_config, os.environ, defaults)
         tiers.check_tiers(found, lmcache_config, extra)
     return found

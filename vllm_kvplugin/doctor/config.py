@@ -18,7 +18,7 @@ from vllm_kvplugin.doctor.host import CONNECTORS
 _OUR_MODULE_PATHS = (None, "vllm_kvplugin.connector")
 
 
-def check_config(found, kv_transfer_config: str | None, block_size: int):
+def check_config(found, kv_transfer_config: str | None, block_size: int, device: str | None = None):
     """LMCache's config as the connector would build it, and ``kv_connector_extra_config``.
 
     Raises:
@@ -27,7 +27,7 @@ def check_config(found, kv_transfer_config: str | None, block_size: int):
     from lmcache.v1.config import load_engine_config_with_overrides
     from vllm.config import KVTransferConfig
 
-    from vllm_kvplugin.lmcache.engine import apply_extra_config
+    from vllm_kvplugin.lmcache.engine import apply_extra_config, resolve_save_mode
 
     data = json.loads(kv_transfer_config) if kv_transfer_config else {
         "kv_connector": plugin.PORTABLE_CONNECTOR, "kv_role": "kv_both"}
@@ -44,7 +44,7 @@ def check_config(found, kv_transfer_config: str | None, block_size: int):
         found.add("config", "fail", f"the connector would refuse this at startup (block_size {block_size}): {e}")
     else:
         found.add("config", "ok", f"accepted by the connector's startup checks: chunk_size {config.chunk_size}, "
-                  f"block_size {block_size}")
+                  f"block_size {block_size}, stores {resolve_save_mode(ktc.kv_role, extra, device)}")
     unknown = sorted(k for k in extra if k.startswith("lmcache.") and not hasattr(config, k[len("lmcache."):]))
     if unknown:
         found.add("config", "warn", f"LMCache ignores unknown key(s) {unknown}")

@@ -134,20 +134,26 @@ def save_mode(vllm_config) -> str:
     """``async`` or ``sync``: how this connector stores (:mod:`vllm_kvplugin.lmcache.async_save`).
 
     Both roles read it from the same config, so the engine core keeps finished
-    requests' blocks exactly when the workers save in the background. A consumer
-    stores nothing, so it has nothing to save asynchronously. The default is
-    async on CUDA/ROCm, where a copy engine moves the bytes beside the compute;
-    sync on CPU, where the store's copies share the cores with the forward pass
-    (measured: BENCHMARKS.md, P4), and on HPU, whose lazy mode builds graphs per
-    thread (a second thread issuing device copies is not verified there).
+    requests' blocks exactly when the workers save in the background.
     """
     transfer = vllm_config.kv_transfer_config
-    if transfer.kv_role == "kv_consumer":
+    return resolve_save_mode(transfer.kv_role, transfer.kv_connector_extra_config or {},
+                             torch.device(vllm_config.device_config.device).type)
+
+
+def resolve_save_mode(kv_role: str, extra: dict, device_type: str | None) -> str:
+    """The save mode for a role, ``kv_connector_extra_config`` and torch device type.
+
+    A consumer stores nothing, so it has nothing to save asynchronously. The
+    default is async on CUDA/ROCm, where a copy engine moves the bytes beside
+    the compute; sync on CPU, where the store's copies share the cores with the
+    forward pass (measured: BENCHMARKS.md, P4), and on HPU, whose lazy mode
+    builds graphs per thread (a second thread issuing device copies is not
+    verified there).
+    """
+    if kv_role == "kv_consumer":
         return "sync"
-    configured = (transfer.kv_connector_extra_config or {}).get(_SAVE_MODE_KEY)
-    if configured is not None:
-        return configured
-    return "async" if torch.device(vllm_config.device_config.device).type == "cuda" else "sync"
+    return extra.get(_SAVE_MODE_KEY) or ("async" if device_type == "cuda" else "sync")
 
 
 def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
