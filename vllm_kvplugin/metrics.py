@@ -128,8 +128,9 @@ class WorkerStatsSampler:
     """Turns the worker's cumulative totals (KV mover, direct-I/O tier) into interval increments.
 
     Runs in each worker, once per step (``get_kv_connector_stats``): the mover
-    and the tier only ever add to plain attributes, never lock or reset, so
-    counting costs their hot paths nothing but an addition.
+    and the tier only ever add to their totals, never reset them, so counting
+    costs their hot paths an addition (under a lock in the mover, whose stores
+    may run on the save thread).
     """
 
     def __init__(self, count_tokens: bool):
