@@ -18,6 +18,7 @@ def test_mover_bench_reports_every_layout_and_block_size():
         ("LBHNC", 16), ("LBHNC", 32), ("BLHNC", 16), ("BLHNC", 32), ("LHBNC", 16), ("LHBNC", 32)]
     assert {r.mode for r in results} == {"plane-major rows", "block-major rows", "strided"}
     assert all(r.store_ratio > 0 and r.load_ratio > 0 and r.copy_gbps > 0 for r in results)
+    assert all(r.layerwise_store > 0 and r.layerwise_load > 0 for r in results)
     assert "| LBHNC | 16 | plane-major rows |" in report.mover_table(results)
 
 

@@ -43,6 +43,8 @@ class MoverResult:
     load_ratio: float
     store_ratio_hot: float
     load_ratio_hot: float
+    layerwise_store: float = float("nan")  # the same blocks moved one layer at a time: time / whole
+    layerwise_load: float = float("nan")
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -52,12 +54,12 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def bench_mover(
-    layouts: Iterable[str] = ("LBHNC", "BLHNC"),
+    layouts: Iterable[str] = ("LBHNC", "BLHNC", "LHBNC"),  # vLLM-CPU; block-contiguous; ROCm default
     block_sizes: Iterable[int] = (16, 128),
     shape: KVShape = KVShape(),
     chunk_tokens: int = 256,
     cache_gib: float = 1.0,
-    rounds: int = 30,
+    rounds: int = 100,
     word_dtypes: tuple[torch.dtype, ...] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> list[MoverResult]:
@@ -85,10 +87,14 @@ def bench_mover(
                 block // (shape.kv_heads * block_size * element),
             )
             blocks = PagedKVBlocks(views, words, ops.max_index_row())
+            # Layer-wise transfer moves the same blocks one layer per call (to overlap with compute).
+            per_layer = [PagedKVBlocks([v], words, ops.max_index_row()) for v in views]
             n = chunk_tokens // block_size
             host = torch.empty(n * blocks.block_bytes, dtype=torch.int8)
             a, b = torch.empty_like(host), torch.empty_like(host)
-            rows = {"copy": [], "store": [], "load": [], "store_hot": [], "load_hot": []}
+            layer_parts = host.view(shape.layers, -1)
+            rows = {"copy": [], "store": [], "load": [], "store_hot": [], "load_hot": [],
+                    "layerwise_store": [], "layerwise_load": []}
             slices = buffer.numel() // host.numel()
             for r in range(rounds + 1):
                 ids = torch.randperm(num_blocks)[:n]
@@ -98,17 +104,22 @@ def bench_mover(
                 t_hot = _seconds(lambda: a.copy_(b))
                 t_store = _seconds(lambda: blocks.gather(ids, host))
                 t_load = _seconds(lambda: blocks.scatter(ids, host))
+                t_layers_store = _seconds(lambda: [b.gather(ids, part) for b, part in zip(per_layer, layer_parts)])
+                t_layers_load = _seconds(lambda: [b.scatter(ids, part) for b, part in zip(per_layer, layer_parts)])
                 if r:  # round 0 warms caches and allocators
                     rows["copy"].append(t_cold)
                     rows["store"].append(t_cold / t_store)
                     rows["load"].append(t_cold / t_load)
                     rows["store_hot"].append(t_hot / t_store)
                     rows["load_hot"].append(t_hot / t_load)
+                    rows["layerwise_store"].append(t_layers_store / t_store)
+                    rows["layerwise_load"].append(t_layers_load / t_load)
             med = {k: statistics.median(v) for k, v in rows.items()}
             results.append(
                 MoverResult(
                     layout, block_size, blocks.mode, host.numel() / 2**20, host.numel() / med["copy"] / 1e9,
                     med["store"], med["load"], med["store_hot"], med["load_hot"],
+                    med["layerwise_store"], med["layerwise_load"],
                 )
             )
             progress(f"mover {layout} block {block_size}: store {results[-1].store_ratio:.0%}, load {results[-1].load_ratio:.0%} of copy_")

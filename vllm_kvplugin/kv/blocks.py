@@ -149,7 +149,10 @@ class PagedKVBlocks:
     def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
         """Copy blocks ``block_ids`` of every plane into ``out`` (dense, ``len(ids) * block_bytes`` bytes)."""
         for src, dim, index, dst in self._moves(block_ids, out):
-            torch.index_select(src, dim, index, out=dst)
+            if dim == 0:
+                torch.index_select(src, dim, index, out=dst)
+            else:  # strided planes: CPU index_select over a strided view runs at 1% of copy_, indexing at 74%
+                torch.ops.aten.index.Tensor_out(src, [None] * dim + [index], out=dst)
 
     def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
         """Copy ``src`` (as produced by :meth:`gather`) into blocks ``block_ids``; other blocks are untouched."""
