@@ -10,12 +10,19 @@ answers lookups for every chunk, and loads are timed only after that. The
 direct-I/O tier reads with O_DIRECT where the filesystem allows it (page cache
 bypassed); where it falls back to buffered I/O, loads may come from the page
 cache, which this benchmark cannot drop; the row's note says which.
+
+Each tier's engine runs in a child process that exits without closing it:
+LMCache 0.5.6's ``RedisConnector.close`` awaits a blocking shutdown on its own
+event loop and never returns, and its engines' threads outlive a close anyway.
+The tier itself (directory, Redis server) belongs to this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import shutil
 import statistics
 import time
@@ -53,23 +60,9 @@ class TierResult:
 
 @dataclass
 class _Tier:
-    config: object  # LMCacheEngineConfig
-    held_bytes: Callable[[object], int]  # engine -> bytes the tier holds now
+    config: dict  # LMCacheEngineConfig.from_defaults keyword arguments (the config object does not pickle)
+    held_bytes: Callable[[int], int]  # bytes in LMCache's CPU tier (measured by the engine) -> bytes the tier holds
     note: str
-    before_close: Callable[[object], None] = lambda engine: None
-
-
-def _unblock_redis_close(engine) -> None:
-    """Let LMCache 0.5.6 close its Redis connector: ``RedisConnector.close`` runs on the storage
-    manager's event loop and awaits ``pq_executor.shutdown``, a blocking method that waits for a
-    coroutine on that same loop, so ``LMCacheEngineBuilder.destroy`` hangs for ever. This instance
-    gets the awaitable the close expects."""
-    from lmcache.v1.storage_backend.remote_backend import RemoteBackend
-
-    for backend in engine.storage_manager.storage_backends.values():
-        if isinstance(backend, RemoteBackend) and backend.connection is not None:
-            connector = backend.connection.getWrappedConnector()
-            connector.pq_executor.shutdown = connector.pq_executor.shutdown_async
 
 
 def _dataset_bytes(redis: RedisServer) -> int:  # keys and values, not client buffers
@@ -79,8 +72,6 @@ def _dataset_bytes(redis: RedisServer) -> int:  # keys and values, not client bu
 @contextlib.contextmanager
 def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iterator[_Tier]:
     """LMCache's config for one tier, with whatever it needs running (a directory, a Redis server)."""
-    from lmcache.v1.config import LMCacheEngineConfig
-
     from vllm_kvplugin.lmcache.directio_backend import plugin_config
     from vllm_kvplugin.storage.directory import SUFFIX
     from vllm_kvplugin.storage.io import choose_io
@@ -88,31 +79,29 @@ def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iter
     # sha256_cbor: the chunk hash our connector makes LMCache use (vllm_kvplugin.plugin)
     base = {"chunk_size": chunk_size, "max_local_cpu_size": capacity_gb, "pre_caching_hash_algorithm": "sha256_cbor"}
     if name == "cpu":
-        yield _Tier(LMCacheEngineConfig.from_defaults(local_cpu=True, **base),
-                    lambda e: sum(o.get_size() for o in e.storage_manager.local_cpu_backend.hot_cache.values()),
-                    "LMCache LocalCPUBackend")
+        yield _Tier(dict(local_cpu=True, **base), lambda cpu_bytes: cpu_bytes, "LMCache LocalCPUBackend")
     elif name == "directio":
         directory = workdir / "directio"
         directory.mkdir(parents=True, exist_ok=True)
         io = choose_io(str(directory))
-        cfg = LMCacheEngineConfig.from_defaults(local_cpu=False, **base, **plugin_config(str(directory), capacity_gb))
+        cfg = dict(local_cpu=False, **base, **plugin_config(str(directory), capacity_gb))
         note = f"{io.name}, " + ("page cache bypassed" if io.direct else "buffered: loads may hit the page cache")
         try:
-            yield _Tier(cfg, lambda e: sum(p.stat().st_size for p in directory.rglob("*" + SUFFIX)), note)
+            yield _Tier(cfg, lambda _: sum(p.stat().st_size for p in directory.rglob("*" + SUFFIX)), note)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     elif name == "redis":
         with RedisServer(workdir) as redis:
             empty = _dataset_bytes(redis)
-            cfg = LMCacheEngineConfig.from_defaults(local_cpu=False, remote_url=redis.url, remote_serde="naive", **base)
-            yield _Tier(cfg, lambda e: _dataset_bytes(redis) - empty, "redis-server on loopback, naive serde",
-                        _unblock_redis_close)
+            cfg = dict(local_cpu=False, remote_url=redis.url, remote_serde="naive", **base)
+            yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty, "redis-server on loopback, naive serde")
     else:
         raise ValueError(f"unknown tier {name!r}; choose from {TIERS}")
 
 
-def _engine(cfg, shape: KVShape, chunk_size: int, block_size: int):
+def _engine(config: dict, shape: KVShape, chunk_size: int, block_size: int):
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache.v1.config import LMCacheEngineConfig
     from lmcache.v1.metadata import LMCacheMetadata
 
     from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
@@ -124,7 +113,8 @@ def _engine(cfg, shape: KVShape, chunk_size: int, block_size: int):
     )
     engine_id = f"tiers-{uuid.uuid4()}"
     engine = LMCacheEngineBuilder.get_or_create(
-        engine_id, cfg, md, PortableGPUConnector(md, block_size), lambda t, s: t, lambda o, s: o
+        engine_id, LMCacheEngineConfig.from_defaults(**config), md, PortableGPUConnector(md, block_size),
+        lambda t, s: t, lambda o, s: o,
     )
     engine.post_init()
     return engine_id, engine
@@ -138,11 +128,10 @@ def _wait_readable(engine, ids: torch.Tensor, timeout_s: float = 120) -> None:
         time.sleep(0.001)
 
 
-def _measure(tier: _Tier, shape: KVShape, tokens: int, rounds: int, chunk_size: int,
+def _measure(config: dict, shape: KVShape, tokens: int, rounds: int, chunk_size: int,
              block_size: int) -> tuple[list[float], list[float], bool, int]:
-    """``rounds`` store/load round trips of fresh prompts: store and load seconds, exactness, bytes held."""
-    from lmcache.v1.cache_engine import LMCacheEngineBuilder
-
+    """Child process: ``rounds`` store/load round trips of fresh prompts; store and load seconds,
+    exactness, bytes in LMCache's CPU tier. The engine is never closed (the process exits)."""
     elem = torch.empty(0, dtype=shape.dtype).element_size()
     blocks = 2 * tokens // block_size  # the source blocks, then the blocks loads go to
     buffer = torch.randint(-128, 128, (shape.layers * blocks * shape.kv_heads * block_size * 2 * shape.head_size
@@ -152,25 +141,53 @@ def _measure(tier: _Tier, shape: KVShape, tokens: int, rounds: int, chunk_size: 
     halves = buffer.view(shape.layers, 2, -1)
     src_slots = torch.arange(tokens)
     dst_slots = src_slots + tokens
-    engine_id, engine = _engine(tier.config, shape, chunk_size, block_size)
+    _, engine = _engine(config, shape, chunk_size, block_size)
     store_s, load_s, exact = [], [], True
+    for _ in range(rounds):
+        ids = torch.randint(0, 50_000, (tokens,))  # a fresh prompt: new keys every round
+        halves[:, 0].add_(1)  # and new bytes
+        start = time.perf_counter()
+        engine.store(ids, kvcaches=views, slot_mapping=src_slots)
+        _wait_readable(engine, ids)
+        store_s.append(time.perf_counter() - start)
+        halves[:, 1].zero_()
+        start = time.perf_counter()
+        hit = engine.retrieve(ids, kvcaches=views, slot_mapping=dst_slots)
+        load_s.append(time.perf_counter() - start)
+        exact &= int(hit.sum()) == tokens and torch.equal(halves[:, 0], halves[:, 1])
+    cpu_bytes = sum(o.get_size() for o in engine.storage_manager.local_cpu_backend.hot_cache.values())
+    return store_s, load_s, exact, cpu_bytes
+
+
+def _child(conn, *args) -> None:
+    """Child process entry: measure, send the result (or the error), exit without closing LMCache."""
     try:
-        for _ in range(rounds):
-            ids = torch.randint(0, 50_000, (tokens,))  # a fresh prompt: new keys every round
-            halves[:, 0].add_(1)  # and new bytes
-            start = time.perf_counter()
-            engine.store(ids, kvcaches=views, slot_mapping=src_slots)
-            _wait_readable(engine, ids)
-            store_s.append(time.perf_counter() - start)
-            halves[:, 1].zero_()
-            start = time.perf_counter()
-            hit = engine.retrieve(ids, kvcaches=views, slot_mapping=dst_slots)
-            load_s.append(time.perf_counter() - start)
-            exact &= int(hit.sum()) == tokens and torch.equal(halves[:, 0], halves[:, 1])
-        return store_s, load_s, exact, tier.held_bytes(engine)
+        _quiet_lmcache()
+        conn.send(("ok", _measure(*args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
-        tier.before_close(engine)
-        LMCacheEngineBuilder.destroy(engine_id)
+        conn.close()
+        os._exit(0)
+
+
+def _measure_in_child(config: dict, *args, timeout_s: float = 900) -> tuple[list[float], list[float], bool, int]:
+    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's OpenMP and LMCache threads' state
+    ours, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(theirs, config, *args), daemon=True)
+    child.start()
+    theirs.close()
+    try:
+        if not ours.poll(timeout_s):
+            raise TimeoutError(f"tier measurement did not finish in {timeout_s}s")
+        status, value = ours.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    if status != "ok":
+        raise RuntimeError(f"tier measurement failed: {value}")
+    return value
 
 
 def _quiet_lmcache() -> None:
@@ -193,7 +210,6 @@ def run(workdir: Path, tokens: int = 32768, shape: str = "small", tiers: Iterabl
     """
     if tokens % chunk_size or chunk_size % block_size:
         raise ValueError("tokens must be whole chunks, chunk_size whole blocks")
-    _quiet_lmcache()
     kv_shape = SHAPES[shape]
     kv_bytes = tokens * kv_shape.layers * kv_shape.block_bytes(1)
     capacity_gb = rounds * kv_bytes / 1e9 * 1.5 + 0.05
@@ -201,7 +217,9 @@ def run(workdir: Path, tokens: int = 32768, shape: str = "small", tiers: Iterabl
     results = []
     for name in tiers:
         with _tier(name, workdir, chunk_size, capacity_gb) as tier:
-            store_s, load_s, exact, held = _measure(tier, kv_shape, tokens, rounds, chunk_size, block_size)
+            store_s, load_s, exact, cpu_bytes = _measure_in_child(
+                tier.config, kv_shape, tokens, rounds, chunk_size, block_size)
+            held = tier.held_bytes(cpu_bytes)
         r = TierResult(name, shape, tokens, kv_bytes / 2**20, kv_bytes / statistics.median(store_s) / 1e9,
                        kv_bytes / statistics.median(load_s) / 1e9, exact, held / (rounds * tokens), tier.note)
         results.append(r)
