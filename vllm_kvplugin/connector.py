@@ -28,7 +28,8 @@ from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from vllm_kvplugin.lmcache.async_save import BackgroundSaver, PortableConnectorMetadata
-from vllm_kvplugin.lmcache.engine import create_worker_engine, prepare_config, save_mode
+from vllm_kvplugin.lmcache.engine import create_worker_engine
+from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 from vllm_kvplugin.lmcache.load_guard import blocks_to_load
 from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler

@@ -6,7 +6,7 @@
   turns its hybrid KV-cache manager off; KV is reused and greedy tokens and
   logprobs are unchanged.
 * MLA (DeepSeek-V2 style) and pipeline parallelism: refused at startup with a
-  message naming them (``vllm_kvplugin.lmcache.engine.check_model_supported``).
+  message naming them (``vllm_kvplugin.lmcache.settings.check_model_supported``).
 
 Each engine runs in its own process (tests/e2e/llm_runner.py). A sliding-window
 engine's first pass (every prompt a miss) is its own baseline: that saves a

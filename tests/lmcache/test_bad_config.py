@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvplugin.lmcache.engine import check_extra_config, check_model_supported
+from vllm_kvplugin.lmcache.settings import check_extra_config, check_model_supported
 
 TIER = {"kvplugin.directio.path": "/srv/kv"}
 UNSUPPORTED = "LMCache config unsupported by vllm-kvplugin: "
@@ -83,7 +83,7 @@ def test_unknown_lmcache_key_names_itself_and_every_valid_key(key, hint):
 
 def test_a_bad_remote_url_is_refused_without_echoing_it(monkeypatch):
     """No string fails LMCache's conversion today; should one, a URL's credentials stay out of the message."""
-    monkeypatch.setattr("vllm_kvplugin.lmcache.engine.validate_and_set_config_value", lambda *a, **k: False)
+    monkeypatch.setattr("vllm_kvplugin.lmcache.settings.validate_and_set_config_value", lambda *a, **k: False)
     with pytest.raises(ValueError) as err:
         check_extra_config({"lmcache.remote_url": "redis://u:s3cret@h:6379"}, 32)
     assert str(err.value) == "lmcache.remote_url is not a valid Optional[str] for LMCache"

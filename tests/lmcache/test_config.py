@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvplugin.lmcache.engine import check_supported, prepare_config, save_mode
+from vllm_kvplugin.lmcache.settings import check_supported, prepare_config, save_mode
 
 
 def vllm_config(extra, block_size=32):

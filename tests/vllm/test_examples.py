@@ -25,7 +25,7 @@ from example_configs import (
 from vllm.config import KVTransferConfig
 
 from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME
-from vllm_kvplugin.lmcache.engine import check_extra_config
+from vllm_kvplugin.lmcache.settings import check_extra_config
 
 REQUIRED = {"cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json",
             "producer.json", "consumer.json"}

@@ -5,7 +5,7 @@ Runs in the user's shell process (``vllm-kvplugin doctor``). The configuration
 is read as the connector reads it at startup: vLLM's ``KVTransferConfig`` from
 the ``--kv-transfer-config`` JSON, LMCache's loader for ``LMCACHE_CONFIG_FILE``
 and ``LMCACHE_*``, then the connector's own
-:func:`~vllm_kvplugin.lmcache.engine.apply_extra_config`.
+:func:`~vllm_kvplugin.lmcache.settings.apply_extra_config`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def check_config(found, kv_transfer_config: str | None, block_size: int, device:
     from lmcache.v1.config import load_engine_config_with_overrides
     from vllm.config import KVTransferConfig
 
-    from vllm_kvplugin.lmcache.engine import apply_extra_config, resolve_save_mode
+    from vllm_kvplugin.lmcache.settings import apply_extra_config, resolve_save_mode
 
     data = json.loads(kv_transfer_config) if kv_transfer_config else {
         "kv_connector": plugin.PORTABLE_CONNECTOR, "kv_role": "kv_both"}

