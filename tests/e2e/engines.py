@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_kvplugin.demo.server import server_environ
+
 RUNNER = Path(__file__).with_name("llm_runner.py")
 
 
@@ -19,7 +21,7 @@ def engine_env(**extra) -> dict[str, str]:
     With the default ``auto`` binding an engine with a KV connector computes on
     two cores and one without on one (REFERENCE §12); float sums then differ.
     """
-    env = dict(os.environ)
+    env = server_environ()  # without the Prometheus directory LMCache may have set in this process
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_CPU_OMP_THREADS_BIND=env.get("VLLM_CPU_OMP_THREADS_BIND", "0-%d" % (os.cpu_count() - 1)),

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The connector's stats through vLLM's own KV-connector stats machinery, without an engine."""
 
+import os
 from functools import partial
 from types import SimpleNamespace
 
@@ -131,3 +132,16 @@ def test_directory_counts_evictions(tmp_path):
         directory.reserve(size)
         directory.commit(f"k{i}", size)
     assert directory.evictions == 2
+
+
+def test_servers_do_not_inherit_lmcaches_prometheus_directory(monkeypatch, tmp_path):
+    """LMCache sets PROMETHEUS_MULTIPROC_DIR=/tmp/lmcache_prometheus in any process that builds an engine;
+    a vLLM server inheriting it served counters summed over every process that ever wrote there."""
+    from lmcache.observability import PrometheusLogger
+
+    from vllm_kvplugin.demo.server import server_environ
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    PrometheusLogger._ensure_multiprocess_dir()  # what building an LMCache engine does to this process
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/lmcache_prometheus"
+    assert "PROMETHEUS_MULTIPROC_DIR" not in server_environ()

@@ -61,6 +61,18 @@ class Completion:
         return self.decode_s / max(self.completion_tokens - 1, 1)
 
 
+def server_environ() -> dict[str, str]:
+    """This process's environment for a server, less ``PROMETHEUS_MULTIPROC_DIR``.
+
+    LMCache sets that variable to a fixed ``/tmp/lmcache_prometheus`` in any process that
+    builds an LMCache engine (its Prometheus logger), and never wipes the directory. A vLLM
+    server started from such a process would inherit it and serve ``/metrics`` summed over
+    every process that ever wrote there (a counter of 2 read as 307). Pass it in ``env``
+    to share a directory on purpose.
+    """
+    return {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+
+
 class VllmServer:
     """A running ``vllm serve``; use as a context manager (stops the server on exit)."""
 
@@ -79,7 +91,7 @@ class VllmServer:
         self.log_path = log_path
         self._proc = subprocess.Popen(
             server_command(model, self.port, kv_transfer_config, **command_options),
-            env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**server_environ(), **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
