@@ -86,11 +86,11 @@ def miss_table(results: list[LengthResult], miss: MissResult) -> str:
                     row += ["-", "-"]
             rows.append(row + [_pass(all(ok(x) for x in ratios))])
     if miss.save_hold_s:
-        held = {n: _med(v) for n, v in miss.save_hold_s.items()}
-        rows.append(["P4: forward thread held by a storing step (median)", "-"]
-                    + sum(([f"{held[n] * 1000:.2f} ms", "-"] if n in held else ["-", "-"]
-                           for n in (OURS_NAME, OURS_ASYNC_NAME)), [])
-                    + ["-"])
+        row = ["P4: forward thread held by a storing step (median)", "-"]
+        for name in (OURS_NAME, OURS_ASYNC_NAME):
+            held = miss.save_hold_s.get(name)
+            row += [f"{_med(held) * 1000:.2f} ms" if held else "-", "-"]
+        rows.append(row + ["-"])
     return "**P3/P4 — cost when nothing hits**\n\n" + _table(
         ["measure", "no connector", "ours (sync save)", "ratio", "ours (async save)", "ratio", "within target"], rows)
 

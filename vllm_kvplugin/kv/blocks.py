@@ -131,6 +131,7 @@ class PagedKVBlocks:
         self.block_bytes = sum(self._plane_block_bytes)
         self._word_dtypes = tuple(word_dtypes) + (torch.int8,)
         self._max_row_words = max_row_words
+        self._piece_offsets: dict[torch.dtype, torch.Tensor] = {}  # word -> 0..k-1 where its rows are cut
         self._fused = self._fuse(planes)
         self.mode = self._mode()
         self._cache: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
@@ -202,9 +203,9 @@ class PagedKVBlocks:
         if word not in self._cache:
             fused = self._fused
             if self.mode == "plane-major rows":  # [P*B, block]; view() (never a copy) or fail
-                views = (_word_view(fused.view(fused.shape[0] * fused.shape[1], -1), word),)
+                views = (self._cut(_word_view(fused.view(fused.shape[0] * fused.shape[1], -1), word)),)
             elif self.mode == "block-major rows":  # [B, P*block]
-                views = (_word_view(fused.transpose(0, 1).view(fused.shape[1], -1), word),)
+                views = (self._cut(_word_view(fused.transpose(0, 1).view(fused.shape[1], -1), word)),)
             elif self.mode == "strided":
                 views = (_word_view(self._fused, word),)
             else:
@@ -240,20 +241,24 @@ class PagedKVBlocks:
                 yield plane, 0, block_ids, host_words[offset : offset + size].view(n, *plane.shape[1:])
                 offset += size
 
-    def _row_move(self, rows: torch.Tensor, index: torch.Tensor, host_words: torch.Tensor):
-        """One index op over whole rows, each cut into ``k`` pieces if longer than ``max_row_words``."""
-        k = self._pieces(rows.shape[1])
-        if k > 1:  # piece j of row i is row i*k + j of the cut table, in host order too
-            rows = rows.view(-1, rows.shape[1] // k)
-            index = (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
-        return rows, 0, index, host_words.view(index.numel(), -1)
+    def _cut(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The row table with each row cut into the fewest equal pieces of at most ``max_row_words``.
 
-    def _pieces(self, row_words: int) -> int:
-        """Fewest equal pieces, none over ``max_row_words``, that a row of ``row_words`` cuts into."""
-        limit = self._max_row_words
-        if limit is None or row_words <= limit:
-            return 1
-        k = -(-row_words // limit)
-        while row_words % k:
+        Piece j of row i is row ``i*k + j`` of the cut table, in host order too; ``k`` is
+        kept per word type (:meth:`_row_move`), so moves only widen their index.
+        """
+        limit, width = self._max_row_words, None if rows is None else rows.shape[1]
+        if rows is None or limit is None or width <= limit:
+            return rows
+        k = -(-width // limit)
+        while width % k:
             k += 1
-        return k
+        self._piece_offsets[rows.dtype] = torch.arange(k, device=rows.device)
+        return rows.view(-1, width // k)
+
+    def _row_move(self, rows: torch.Tensor, index: torch.Tensor, host_words: torch.Tensor):
+        """One index op over whole rows (or their pieces, see :meth:`_cut`)."""
+        offsets = self._piece_offsets.get(rows.dtype)
+        if offsets is not None:
+            index = (index[:, None] * offsets.numel() + offsets).flatten()
+        return rows, 0, index, host_words.view(index.numel(), -1)

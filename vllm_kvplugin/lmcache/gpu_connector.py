@@ -69,17 +69,14 @@ class TransferTotals:
 
     def record(self, to_host: bool, tokens: int, nbytes: int, seconds: float) -> None:
         with self._lock:
-            self._add(to_host, tokens, nbytes, seconds)
-
-    def _add(self, to_host: bool, tokens: int, nbytes: int, seconds: float) -> None:
-        if to_host:
-            self.stored_tokens += tokens
-            self.stored_bytes += nbytes
-            self.store_seconds += seconds
-        else:
-            self.loaded_tokens += tokens
-            self.loaded_bytes += nbytes
-            self.load_seconds += seconds
+            if to_host:
+                self.stored_tokens += tokens
+                self.stored_bytes += nbytes
+                self.store_seconds += seconds
+            else:
+                self.loaded_tokens += tokens
+                self.loaded_bytes += nbytes
+                self.load_seconds += seconds
 
 
 class PortableGPUConnector(GPUConnectorInterface):
