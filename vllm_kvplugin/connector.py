@@ -27,11 +27,12 @@ from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dyna
 from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules outside "vllm."
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-from vllm_kvplugin.lmcache.async_save import BackgroundSaver, PortableConnectorMetadata
+from vllm_kvplugin.lmcache.async_save import BackgroundSaver
 from vllm_kvplugin.lmcache.engine import create_worker_engine
 from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
-from vllm_kvplugin.lmcache.load_guard import blocks_to_load
+from vllm_kvplugin.lmcache.load_guard import ForwardContextForLoads, blocks_to_load
+from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
 from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler
 from vllm_kvplugin.storage.directory import ChunkDirectory
 
@@ -85,9 +86,16 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         return super().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
-        """Worker: LMCache's load; if it raises, this step's blocks become load errors."""
+        """Worker: LMCache's load of the step's hits, whatever forward context the runner built.
+
+        The scheduler has already counted the hits as computed, so the load must
+        happen: LMCache 0.5.6 skips it when the context has no attention metadata,
+        which vllm-gaudi's runner builds for any step metadata but LMCache's type
+        and vLLM's runner for steps without a forward (``ForwardContextForLoads``).
+        If the load raises, this step's blocks become load errors.
+        """
         try:
-            super().start_load_kv(forward_context, **kwargs)
+            super().start_load_kv(ForwardContextForLoads(forward_context), **kwargs)
         except Exception:
             failed = blocks_to_load(self._get_connector_metadata(), self._block_size)
             logger.exception("KV load failed; %d blocks will be recomputed or their requests failed", len(failed))
@@ -115,7 +123,7 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
     def build_connector_meta(self, scheduler_output) -> PortableConnectorMetadata:
         """Engine core: LMCache's step metadata, plus which requests were kept and preempted."""
         kept, self._kept = frozenset(self._kept), set()
-        return PortableConnectorMetadata(
+        return PortableConnectorMetadata.extend(
             super().build_connector_meta(scheduler_output),
             kept=kept,
             preempted=frozenset(scheduler_output.preempted_req_ids or ()),
@@ -124,13 +132,17 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
     def bind_connector_metadata(self, connector_metadata: PortableConnectorMetadata) -> None:
         """Worker, before the step's loads and forward: preempted requests' saves must be done."""
         super().bind_connector_metadata(connector_metadata)
+        # Per-step state of LMCache's adapter, reset as vLLM's in-tree LMCache connector
+        # does here (LMCache's dynamic connector does not; layer-wise mode is refused anyway).
+        self._adapter.current_layer = 0
+        self._adapter.layerwise_retrievers = []
         if self._saver is not None:
             self._saver.before_step(connector_metadata)
 
     def _get_connector_metadata(self):
         """LMCache's metadata of the step being served (on the save thread: of the step it stores)."""
         saving = getattr(self._save_thread, "metadata", None)
-        return saving if saving is not None else super()._get_connector_metadata().lmcache
+        return saving if saving is not None else super()._get_connector_metadata()
 
     def request_finished(self, request, block_ids: list[int]):
         """Engine core: with async saves, keep the blocks until the workers report the save done."""

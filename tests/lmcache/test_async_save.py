@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvplugin.lmcache.async_save import BackgroundSaver, PortableConnectorMetadata
+from vllm_kvplugin.lmcache.async_save import BackgroundSaver
+from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
 
 
 def step(*req_ids: str) -> SimpleNamespace:
@@ -24,7 +25,7 @@ def step(*req_ids: str) -> SimpleNamespace:
 
 
 def notes(kept=(), preempted=()) -> PortableConnectorMetadata:
-    return PortableConnectorMetadata(step(), kept=frozenset(kept), preempted=frozenset(preempted))
+    return PortableConnectorMetadata.extend(step(), kept=frozenset(kept), preempted=frozenset(preempted))
 
 
 class GatedSaves:

@@ -18,8 +18,8 @@ That is only safe while nothing rewrites the blocks a save is reading:
   ``bind_connector_metadata``, before any load or forward writes a block).
 
 The engine core tells the workers which requests it kept and which it
-preempted through :class:`PortableConnectorMetadata`, the metadata object both
-roles exchange every step.
+preempted through
+:class:`~vllm_kvplugin.lmcache.step_metadata.PortableConnectorMetadata`.
 """
 
 from __future__ import annotations
@@ -27,26 +27,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorMetadata
+
+from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
 
 SAVE_MODES = ("sync", "async")
-
-
-@dataclass
-class PortableConnectorMetadata(KVConnectorMetadata):
-    """One step's instructions from the engine core to each worker.
-
-    Attributes:
-        lmcache: LMCache's own metadata for the step (its loads and saves).
-        kept: finished requests whose blocks wait for this worker's report.
-        preempted: requests preempted by this step's schedule.
-    """
-
-    lmcache: KVConnectorMetadata
-    kept: frozenset[str] = frozenset()
-    preempted: frozenset[str] = frozenset()
 
 
 class BackgroundSaver:
@@ -57,7 +43,7 @@ class BackgroundSaver:
             (a failed store is a cache miss later, never an error now).
     """
 
-    def __init__(self, save: Callable[[KVConnectorMetadata], None]):
+    def __init__(self, save: Callable[[LMCacheConnectorMetadata], None]):
         self._save = save
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvplugin-save")
         self._last_job: dict[str, Future] = {}  # request -> newest job that saves for it
@@ -71,7 +57,7 @@ class BackgroundSaver:
             self._unreported |= metadata.kept
         wait(jobs)
 
-    def submit(self, metadata: KVConnectorMetadata) -> None:
+    def submit(self, metadata: LMCacheConnectorMetadata) -> None:
         """After the step's forward: queue its store; returns at once."""
         req_ids = [r.req_id for r in getattr(metadata, "requests", ())]
         if not req_ids:

@@ -10,7 +10,10 @@ portable connector wires that for the user from two keys of
 
 Whatever a file holds, a bad one is a miss, never bytes: a header or payload
 that fails its checks (including a length or shape that does not match its
-dtype) is deleted and ``get_blocking`` returns ``None``. A store that cannot
+dtype) is deleted and reads as absent. LMCache's lookup (``contains`` with
+``pin``) reads and checks a chunk before vLLM's scheduler is promised it and
+holds the verified bytes for the load (:mod:`vllm_kvplugin.lmcache.held_chunks`),
+so a load never finds a chunk gone or damaged. A store that cannot
 be written (full disk, read-only filesystem, permissions, I/O error) is
 skipped and counted, with one log line per kind of error and minute. If the
 whole directory is removed while serving, loads become misses, the index
@@ -30,6 +33,7 @@ from lmcache.logging import init_logger
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
+from vllm_kvplugin.lmcache.held_chunks import HeldChunks
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
 from vllm_kvplugin.storage.select import select_io
@@ -91,6 +95,8 @@ class DirectIOBackend(StoragePluginInterface):
         self._lock = threading.Lock()
         self.skipped_stores = 0  # chunks not stored because writing failed, ever
         self._last_skip: tuple[object, float] = (None, -math.inf)  # (kind, when logged)
+        # verified at lookup, waiting for their load; the file stays pinned (not evicted) meanwhile
+        self._held = HeldChunks(on_release=lambda name: self.directory.pin(name, -1))
         logger.info("%s: %s in %s (%.1f GB budget, %d files indexed; %s)", PLUGIN_NAME, self.io.name,
                     self.directory.root, self.directory.capacity_bytes / 1e9, len(self.directory._index),
                     self.io_choice.reason)
@@ -101,21 +107,36 @@ class DirectIOBackend(StoragePluginInterface):
     # -- lookup -----------------------------------------------------------
 
     def contains(self, key, pin: bool = False) -> bool:
-        found = self.directory.lookup(key.to_string()) is not None
-        if found and pin:
-            self.pin(key)
-        return found
+        """Whether the chunk can be loaded; with ``pin`` (LMCache's lookup), verified and held.
+
+        A pinned lookup is the promise vLLM's scheduler acts on: it counts the
+        tokens as computed before the load runs, and some runners (vllm-gaudi's)
+        drop the load errors that would undo that. So the file is read and
+        checked now, and the verified bytes are held in host memory until the
+        load takes them or the pin is released: a chunk that is damaged,
+        truncated or vanishes is a miss here, never a failed load later.
+        """
+        name = key.to_string()
+        if not pin:
+            return self._held.has(name) or self.directory.lookup(name) is not None
+        if self._held.pin(name):
+            return True
+        obj = self._read(name)
+        if obj is None:
+            return False
+        self._held.add(name, obj)
+        self.directory.pin(name, +1)
+        return True
 
     def exists_in_put_tasks(self, key) -> bool:
         with self._lock:
             return key.to_string() in self._pending
 
     def pin(self, key) -> bool:
-        self.directory.pin(key.to_string(), +1)
-        return True
+        return self.contains(key, pin=True)
 
     def unpin(self, key) -> bool:
-        self.directory.pin(key.to_string(), -1)
+        self._held.unpin(key.to_string())
         return True
 
     # -- store --------------------------------------------------------------
@@ -190,6 +211,11 @@ class DirectIOBackend(StoragePluginInterface):
 
     def get_blocking(self, key):
         name = key.to_string()
+        held = self._held.take(name)
+        return held if held is not None else self._read(name)
+
+    def _read(self, name: str):
+        """The chunk's bytes in a new host object if its file passes every check, else None."""
         path = self.directory.lookup(name)
         if path is None:
             return None
@@ -231,4 +257,5 @@ class DirectIOBackend(StoragePluginInterface):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._held.clear()
         self.io.close()

@@ -167,6 +167,13 @@ class PortableGPUConnector(GPUConnectorInterface):
         self.blocks = PagedKVBlocks(kv_caches, ops.word_dtypes(), ops.max_index_row())
         self._registered = _memory_of(kv_caches)
         expected = self.get_shape(self.block_size).numel() * self._element_size()
+        if self.blocks.block_bytes * 2 == expected and not self._use_mla:
+            raise ValueError(
+                "each layer's KV holds half the bytes of K and V: vllm-gaudi registers only K when "
+                "dynamic FP8 KV scales are on (QUANT_CONFIG with VLLM_DYNAMIC_KV_QUANT), and a cache "
+                "without V and the scales cannot be restored. Turn dynamic KV quantisation off to use "
+                "this connector"
+            )
         if self.blocks.block_bytes != expected:
             raise ValueError(
                 f"vLLM's KV blocks hold {self.blocks.block_bytes} bytes, LMCache's metadata implies "

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What a step's loads were to fill, so that a load that raises becomes a reported load error.
+"""Loads that always run and never leave unreported garbage: the forward context LMCache needs,
+and what a step's loads were to fill, so that a load that raises becomes a reported load error.
 
 Runs in the vLLM worker process. LMCache reports chunks that come back missing
 through vLLM's load-error API, but an exception from a storage backend mid-load
@@ -25,3 +26,29 @@ def blocks_to_load(metadata, block_size: int) -> set[int]:
         slots = request.slot_mapping[spec.vllm_cached_tokens : spec.lmcache_cached_tokens]
         blocks.update(torch.unique(torch.div(slots, block_size, rounding_mode="floor")).tolist())
     return blocks
+
+
+class ForwardContextForLoads:
+    """The runner's forward context, as LMCache's ``start_load_kv`` must see it to load.
+
+    LMCache 0.5.6 returns from ``start_load_kv`` without loading when
+    ``forward_context.attn_metadata is None``, but by then vLLM's scheduler has
+    counted the step's hits as computed: a skipped load leaves the request
+    running on whatever its blocks held. vllm-gaudi's runner passes such a
+    context for every step whose metadata is not LMCache's type (vllm-gaudi
+    091bbadd ``hpu_model_runner.py`` ~L4406), and vLLM's runner for steps with
+    nothing to forward. LMCache reads nothing else of the attention metadata on
+    the non-layer-wise path (the only one this connector allows), so this view
+    answers for it and passes every other attribute through.
+    """
+
+    def __init__(self, forward_context):
+        self._context = forward_context
+
+    @property
+    def attn_metadata(self):
+        attn_metadata = getattr(self._context, "attn_metadata", None)
+        return attn_metadata if attn_metadata is not None else {}
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
