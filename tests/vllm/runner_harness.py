@@ -191,7 +191,7 @@ def main(spec: dict) -> dict:
             loaded = set()
             for req_id, blocks, computed in tracked:
                 checks[req_id] = loads_exact(kv, prompts[req_id], blocks, computed, block)
-                loaded |= set(blocks[: computed // block])
+                loaded |= set(blocks[: -(-computed // block)])  # a full hit counts len - 1 tokens
             checks["only_loaded_blocks_written"] = changed_blocks(before) <= loaded
 
         if spec["runner"] == "gaudi":
