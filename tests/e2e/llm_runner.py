@@ -8,6 +8,7 @@ as cached (from our connector, since vLLM's own prefix cache is off).
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,22 @@ def new_chunk_files(directory: str, seen: set[str]) -> set[str]:
     new = last - seen
     seen.update(new)
     return new
+
+
+def damage_every_chunk_file(directory: str) -> int:
+    """Truncate, flip a payload byte of, or flip a header byte of every chunk file, in turn."""
+    files = sorted(Path(directory).rglob("*.kvchunk"))
+    for i, path in enumerate(files):
+        size = path.stat().st_size
+        if i % 3 == 0:
+            os.truncate(path, size // 2)
+            continue
+        with open(path, "r+b") as f:
+            f.seek(size - 7 if i % 3 == 1 else 40)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    return len(files)
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -58,6 +75,10 @@ def main(spec_path: str, out_path: str) -> None:
     for i in range(spec.get("passes", 2)):
         if i:
             time.sleep(spec.get("pause_between_passes", 0.0))  # let asynchronous tier writes land
+        damaged = 0
+        if i in spec.get("damage_before_passes", ()):  # the running engine's files, damaged under it
+            new_chunk_files(spec["watch_dir"], seen)  # the tier's writes have settled
+            damaged = damage_every_chunk_file(spec["watch_dir"])
         # One request at a time keeps batch composition (and so float rounding) identical
         # across engines; concurrency is exercised by the reliability suite.
         outs, files = [], []
@@ -71,6 +92,7 @@ def main(spec_path: str, out_path: str) -> None:
                 "cached": [o.num_cached_tokens or 0 for o in outs],
                 "finish": [o.outputs[0].finish_reason for o in outs],
                 "files": files,
+                "damaged": damaged,
             }
             | ({"logprobs": [chosen_logprobs(o.outputs[0]) for o in outs]} if spec.get("logprobs") else {})
         )
