@@ -10,7 +10,7 @@ for real (:mod:`.tiers`). Each finding is ``ok``, ``warn`` or ``fail``; a
 and never hits), and makes the exit status 1.
 
 Modules: :mod:`.host` (environment, entry points, platform, connectors, KV
-mover), :mod:`.config` (the connector's config checks), :mod:`.tiers`.
+mover), :mod:`.gaudi` (vllm-gaudi's runner), :mod:`.config` (the connector's config checks), :mod:`.tiers`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def diagnose(kv_transfer_config: str | None = None, block_size: int | None = Non
     Applies to ``os.environ`` the defaults vLLM would get from our platform entry,
     so the configuration is read as vLLM's processes will read it.
     """
-    from vllm_kvplugin.doctor import config, host, tiers
+    from vllm_kvplugin.doctor import config, gaudi, host, tiers
 
     found = Findings()
     host.check_environment(found, os.environ)
@@ -68,6 +68,8 @@ def diagnose(kv_transfer_config: str | None = None, block_size: int | None = Non
         device = host.check_platform(found)
     with found.guard("connectors"):
         host.check_connectors(found)
+    with found.guard("vllm-gaudi"):
+        gaudi.check_gaudi_runner(found)
     with found.guard("KV mover"):
         host.check_mover(found, device)
     with found.guard("config"):

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import platform
 
-from vllm_kvplugin import plugin
+from vllm_kvplugin import SUPPORTED_VLLM, plugin
 from vllm_kvplugin.doctor import one_line
 
 _ENTRY_NAME = "kvplugin"
@@ -77,6 +77,9 @@ def apply_plugin_defaults(env) -> dict[str, str]:
 def check_platform(found) -> str:
     """The platform vLLM resolves here (``cpu``, ``hpu``, ``cuda``, ``rocm``) and the versions that matter."""
     import torch
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
     from vllm.platforms import current_platform
 
     device = current_platform.device_type
@@ -91,9 +94,14 @@ def check_platform(found) -> str:
         versions.append(f"ROCm/HIP {torch.version.hip}")
     versions += [f"habana bridge {_optional('habana_frameworks.torch', 'habana-torch-plugin')}",
                  f"hipfile {_optional('hipfile', 'hipfile')}"]
-    tested = _version("lmcache") == "0.5.6"
-    found.add("versions", "ok" if tested else "warn",
-              ", ".join(versions) + ("" if tested else " (vllm-kvplugin is tested with LMCache 0.5.6)"))
+    untested = []
+    if _version("lmcache") != "0.5.6":
+        untested.append("LMCache 0.5.6")
+    if Version(vllm.__version__.split("+")[0]) not in SpecifierSet(SUPPORTED_VLLM):
+        untested.append(f"vLLM {SUPPORTED_VLLM}")
+    found.add("versions", "warn" if untested else "ok", ", ".join(versions) + (
+        f" (vllm-kvplugin is tested with {' and '.join(untested)})" if untested
+        else f" (supported: vLLM {SUPPORTED_VLLM}, LMCache 0.5.6)"))
     return device
 
 
