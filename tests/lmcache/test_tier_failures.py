@@ -58,10 +58,12 @@ def tier_log():
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    log = logging.getLogger("vllm_kvplugin.lmcache.directio_backend")
-    log.addHandler(handler)
+    logs = [logging.getLogger(f"vllm_kvplugin.lmcache.{m}") for m in ("directio_backend", "chunk_tier")]
+    for log in logs:
+        log.addHandler(handler)
     yield records
-    log.removeHandler(handler)
+    for log in logs:
+        log.removeHandler(handler)
 
 
 # -- the whole directory removed while serving ----------------------------------

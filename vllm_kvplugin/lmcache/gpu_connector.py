@@ -40,6 +40,11 @@ def _memory_of(kv_caches) -> tuple:
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in flatten_planes(kv_caches))
 
 
+def _k_only(kv_caches, block_size: int) -> bool:
+    """Whether each layer came as one vllm-gaudi ``[NB, BS, NH, HS]`` tensor (K without its V)."""
+    return all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == block_size for t in kv_caches)
+
+
 def _device_type(kv_caches) -> str:
     first = kv_caches[0]
     return (first if isinstance(first, torch.Tensor) else first[0]).device.type
@@ -167,12 +172,12 @@ class PortableGPUConnector(GPUConnectorInterface):
         self.blocks = PagedKVBlocks(kv_caches, ops.word_dtypes(), ops.max_index_row())
         self._registered = _memory_of(kv_caches)
         expected = self.get_shape(self.block_size).numel() * self._element_size()
-        if self.blocks.block_bytes * 2 == expected and not self._use_mla:
+        if self.blocks.block_bytes * 2 == expected and _k_only(kv_caches, self.block_size):
             raise ValueError(
-                "each layer's KV holds half the bytes of K and V: vllm-gaudi registers only K when "
-                "dynamic FP8 KV scales are on (QUANT_CONFIG with VLLM_DYNAMIC_KV_QUANT), and a cache "
-                "without V and the scales cannot be restored. Turn dynamic KV quantisation off to use "
-                "this connector"
+                "each layer's KV holds half the bytes LMCache's metadata implies and looks like K alone "
+                "([blocks, block_size, heads, head_size]): vllm-gaudi registers only K when dynamic FP8 KV "
+                "scales are on (QUANT_CONFIG with VLLM_DYNAMIC_KV_QUANT), and a cache without V and its "
+                "scales cannot be restored. Turn dynamic KV quantisation off to use this connector"
             )
         if self.blocks.block_bytes != expected:
             raise ValueError(
