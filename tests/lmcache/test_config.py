@@ -31,11 +31,12 @@ def test_a_misspelt_plugin_key_names_itself_and_the_valid_ones():
         ({"enable_blending": True}, "CacheBlend"),
         ({"local_disk": "file:///nvme/lmcache/", "max_local_disk_size": 5.0},
          "keeps no checksum .* use the checksummed, persistent direct-I/O tier instead: kvplugin.directio.path"),
+        ({"remote_url": "redis://u:s3cret@h:6379"}, "^(?!.*s3cret).*without a checksum .* kvplugin.remote.url"),
     ],
 )
 def test_settings_that_would_move_partial_blocks_are_refused(settings, problem):
     config = SimpleNamespace(chunk_size=256, save_unfull_chunk=False, use_layerwise=False, enable_blending=False,
-                             local_disk=None, max_local_disk_size=0.0)
+                             local_disk=None, max_local_disk_size=0.0, remote_url=None)
     for key, value in settings.items():
         setattr(config, key, value)
     with pytest.raises(ValueError, match=problem):

@@ -23,20 +23,22 @@ from vllm_kvplugin.demo.server import free_port
 class RedisServer:
     """One ``redis-server`` process; :meth:`kill` and :meth:`start` again keep its port."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make setup` (it installs Debian's redis-server)")
         self.binary, self.workdir = binary, workdir
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.password = password
+        self.url = f"redis://{f'default:{password}@' if password else ''}127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
         log = open(self.workdir / f"redis-{self.port}.log", "a")
         self._proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10
@@ -50,15 +52,20 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, password or not
         except OSError:
             return False
 
     def command(self, *args: str) -> bytes:
-        """One RESP command's raw reply (enough for DBSIZE/FLUSHALL in tests)."""
-        request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
+        """One RESP command's raw reply (enough for DBSIZE/FLUSHALL in tests); AUTHs first if needed."""
+        def encode(words):
+            return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w.encode()) for w in words)
+
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(request)
+            if self.password:
+                s.sendall(encode(("AUTH", self.password)))
+                s.recv(64)
+            s.sendall(encode(args))
             return s.recv(4096)
 
     def dbsize(self) -> int:

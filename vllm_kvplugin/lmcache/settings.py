@@ -27,6 +27,9 @@ _OUR_KEYS = {
     "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
     "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
     "kvplugin.directio.io_threads": "writer threads (default 2)",
+    "kvplugin.remote.url": "redis://[user:password@]host:port[/db] of the shared remote tier (enables it)",
+    "kvplugin.remote.timeout_s": "bound on any one call to that server, s (default 1)",
+    "kvplugin.remote.io_threads": "its writer threads (default 2)",
     "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
     "default async on CUDA/ROCm, sync on CPU and HPU",
 }
@@ -71,6 +74,8 @@ def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int
         raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown}; valid keys: {valid}")
     if any(k.startswith("kvplugin.directio.") for k in extra):  # a size without a path is refused too
         _enable_directio(config, extra)
+    if any(k.startswith("kvplugin.remote.") for k in extra):
+        _enable_remote(config, extra)
     mode = extra.get(_SAVE_MODE_KEY)
     if mode is not None and mode not in SAVE_MODES:
         raise ValueError(f"{_SAVE_MODE_KEY} must be one of {', '.join(SAVE_MODES)}, got {mode!r}")
@@ -112,6 +117,15 @@ def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
     tier = plugin_config(settings.path, settings.max_size_gb)
     if THREADS_KEY in extra:
         tier["extra_config"][THREADS_KEY] = settings.io_threads
+    config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
+    config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
+
+
+def _enable_remote(config: LMCacheEngineConfig, extra: dict) -> None:
+    """Add the checksummed remote tier to LMCache's storage plugins."""
+    from vllm_kvplugin.lmcache.remote_tier import PLUGIN_NAME, plugin_config
+
+    tier = plugin_config(extra)
     config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
     config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
 
@@ -165,6 +179,11 @@ def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
             f"local_disk={config.local_disk!r}: LMCache's own disk tier keeps no checksum (a truncated or "
             "corrupted file loads as wrong KV) and forgets its files at restart; use the checksummed, "
             "persistent direct-I/O tier instead: kvplugin.directio.path and kvplugin.directio.max_size_gb"
+        )
+    if config.remote_url:  # never echoed: it may carry a password
+        problems.append(
+            "remote_url: LMCache's remote tiers store values without a checksum (a damaged value loads as "
+            "wrong KV); use the checksummed remote tier instead: kvplugin.remote.url (redis://host:port)"
         )
     if problems:
         raise ValueError("LMCache config unsupported by vllm-kvplugin: " + "; ".join(problems))

@@ -16,11 +16,14 @@ answers at once) instead of making every lookup wait out the timeout.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
 KEY_PREFIX = "kvplugin:"
+# Credentials from the environment keep them out of vLLM's and LMCache's config logs.
+USERNAME_ENV, PASSWORD_ENV = "KVPLUGIN_REMOTE_USERNAME", "KVPLUGIN_REMOTE_PASSWORD"
 
 
 def redacted(url: str) -> str:
@@ -36,7 +39,8 @@ class RedisChunkStore:
     """Get, put and probe chunk values by name on one RESP server.
 
     Args:
-        url: ``redis://[user:password@]host:port[/db]`` (or ``rediss://`` for TLS).
+        url: ``redis://host:port[/db]`` (or ``rediss://`` for TLS); credentials from
+            ``KVPLUGIN_REMOTE_USERNAME``/``KVPLUGIN_REMOTE_PASSWORD`` unless the URL has them.
         timeout_s: bound on any one call (connect, send, receive).
         retry_after_s: how long calls answer at once after a failure.
     """
@@ -45,8 +49,12 @@ class RedisChunkStore:
         import redis
 
         self.url = redacted(url)
+        self.password_in_url = urlsplit(url).password is not None
+        credentials = {} if self.password_in_url else {
+            k: os.environ[env] for k, env in (("username", USERNAME_ENV), ("password", PASSWORD_ENV)) if env in os.environ
+        }
         self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False, **credentials,
         )
         self._errors = (redis.RedisError, OSError)
         self._retry_after_s = retry_after_s

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The direct-I/O tier's own settings (``kvplugin.directio.*``), checked the same way everywhere.
+"""The tiers' own settings (``kvplugin.directio.*``, ``kvplugin.remote.*``), checked the same way everywhere.
 
 Runs at startup in the engine core (``prepare_config``: a bad value refuses the
 config before workers load, naming the key) and in each vLLM worker when
@@ -15,6 +15,10 @@ from dataclasses import dataclass
 PATH_KEY = "kvplugin.directio.path"
 SIZE_KEY = "kvplugin.directio.max_size_gb"
 THREADS_KEY = "kvplugin.directio.io_threads"
+REMOTE_URL_KEY = "kvplugin.remote.url"
+REMOTE_TIMEOUT_KEY = "kvplugin.remote.timeout_s"
+REMOTE_THREADS_KEY = "kvplugin.remote.io_threads"
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,26 @@ def tier_settings(extra: dict) -> TierSettings:
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"{PATH_KEY} must name a directory, got {path!r}")
     return TierSettings(path, _positive(extra, SIZE_KEY, 10.0, float), _positive(extra, THREADS_KEY, 2, int))
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    url: str
+    timeout_s: float
+    io_threads: int
+
+
+def remote_settings(extra: dict) -> RemoteSettings:
+    """The remote tier's settings from ``extra``.
+
+    Raises:
+        ValueError: naming the key (never echoing the URL: it may carry a password).
+    """
+    url = extra.get(REMOTE_URL_KEY)
+    if not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES):
+        raise ValueError(f"{REMOTE_URL_KEY} must be a {', '.join(REMOTE_SCHEMES)} URL")
+    return RemoteSettings(url, _positive(extra, REMOTE_TIMEOUT_KEY, 1.0, float),
+                          _positive(extra, REMOTE_THREADS_KEY, 2, int))
 
 
 def _positive(extra: dict, key: str, default, kind: type):
