@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Two real ``vllm serve`` instances sharing one real Redis through LMCache's remote tier.
+"""Two real ``vllm serve`` instances sharing one real Redis through the checksummed remote tier.
 
 Both servers run with LMCache's local CPU tier off, so every hit comes from
 Redis. The tests run in file order on one pair of servers and one Redis:
@@ -29,7 +29,7 @@ PROMPT_WORDS = 400  # 401 tokens with BOS: 6 whole chunks
 EXPECTED_HIT = (PROMPT_WORDS + 1) // CHUNK * CHUNK
 RECONNECT_TIMEOUT_S = 90
 OUTAGE_S = 10
-HANG_S = 15  # longer than LMCache's blocking_timeout_secs (10)
+HANG_S = 15  # far longer than the tier's call timeout (1 s) and LMCache's blocking_timeout_secs (10)
 
 
 def redis_connector(url: str) -> dict:
@@ -40,8 +40,7 @@ def redis_connector(url: str) -> dict:
             "lmcache.chunk_size": CHUNK,
             "lmcache.local_cpu": False,  # hits can only come from Redis
             "lmcache.max_local_cpu_size": 0.2,
-            "lmcache.remote_url": url,
-            "lmcache.remote_serde": "naive",
+            "kvplugin.remote.url": url,
         },
     }
 
@@ -108,7 +107,7 @@ def test_prefix_prefilled_on_a_is_warm_on_b_with_equal_tokens(pair):
     assert warm.text == cold.text
 
 
-def test_redis_hanging_longer_than_the_lmcache_timeout_fails_no_request(pair, redis):
+def test_redis_hanging_longer_than_every_timeout_fails_no_request(pair, redis):
     """A hung Redis (SIGSTOP for HANG_S): in-flight requests wait, then complete with unchanged tokens."""
     a, b = pair
     rng = random.Random(6)

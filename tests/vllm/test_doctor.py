@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vllm_kvplugin.demo.server import free_port
-from vllm_kvplugin.doctor.tiers import redact_url
+from vllm_kvplugin.storage.redis_store import redacted
 
 SECRET = "s3cret-pw"
 
@@ -83,7 +83,7 @@ def broken(tmp_path_factory):
     extra = {
         "kvplugin.directio.path": str(tmp / "a-file" / "tier"),  # cannot be created
         "lmcache.chunk_size": 100,
-        "lmcache.remote_url": f"redis://kv:{SECRET}@127.0.0.1:{free_port()}",  # nobody listens
+        "kvplugin.remote.url": f"redis://kv:{SECRET}@127.0.0.1:{free_port()}",  # nobody listens
     }
     return doctor(tmp, extra, env={"LMCACHE_PRE_CACHING_HASH_ALGORITHM": "builtin"})
 
@@ -111,7 +111,7 @@ def test_uncreatable_tier_directory_fails(broken):
 def test_unreachable_redis_fails_without_showing_credentials(broken):
     rc, findings, stderr = broken
     assert levels(findings, "remote tier") == ["warn", "fail"]  # a password in the URL, then unreachable
-    assert "logs remote_url verbatim" in message(findings, "remote tier")
+    assert "set KVPLUGIN_REMOTE_PASSWORD" in message(findings, "remote tier")
     assert "redis://***@127.0.0.1:" in message(findings, "remote tier")
     assert SECRET not in json.dumps(findings) and SECRET not in stderr
 
@@ -139,8 +139,7 @@ def redis_url(tmp_path_factory):
 
 
 def test_missing_tier_directory_warns_and_reachable_redis_is_ok_on_one_screen(tmp_path, redis_url):
-    extra = {"kvplugin.directio.path": str(tmp_path / "not-yet"), "lmcache.remote_url": redis_url,
-             "lmcache.remote_serde": "naive"}
+    extra = {"kvplugin.directio.path": str(tmp_path / "not-yet"), "kvplugin.remote.url": redis_url}
     rc, screen, stderr = doctor(tmp_path, extra, as_json=False)
     assert rc == 0, screen
     assert "vllm-kvplugin doctor" in screen and "nothing blocks KV reuse" in screen
@@ -151,12 +150,21 @@ def test_missing_tier_directory_warns_and_reachable_redis_is_ok_on_one_screen(tm
     assert not (tmp_path / "not-yet").exists()  # doctor never creates the tier
 
 
-def test_resp_url_with_the_password_in_the_environment_is_probed_without_a_warning(tmp_path, redis_url):
-    resp_url = "resp://" + redis_url.rsplit("@", 1)[1]
-    extra = {"lmcache.remote_url": resp_url, "lmcache.remote_serde": "naive"}
-    rc, findings, stderr = doctor(tmp_path, extra, env={"LMCACHE_RESP_PASSWORD": SECRET})
+def test_password_in_the_environment_is_probed_without_a_warning(tmp_path, redis_url):
+    url = "redis://" + redis_url.rsplit("@", 1)[1]
+    rc, findings, stderr = doctor(tmp_path, {"kvplugin.remote.url": url}, env={"KVPLUGIN_REMOTE_PASSWORD": SECRET})
     assert rc == 0
-    assert levels(findings, "remote tier") == ["ok"] and "PING answered" in message(findings, "remote tier")
+    assert levels(findings, "remote tier") == ["ok"] and "read back and deleted" in message(findings, "remote tier")
+    assert SECRET not in json.dumps(findings) and SECRET not in stderr
+
+
+def test_lmcache_remote_url_and_local_disk_are_what_the_connector_refuses(tmp_path, redis_url):
+    extra = {"lmcache.remote_url": redis_url, "lmcache.local_disk": f"file://{tmp_path}/d/",
+             "lmcache.max_local_disk_size": 1}
+    rc, findings, stderr = doctor(tmp_path, extra)
+    assert rc == 1
+    refusal = message(findings, "config")
+    assert "kvplugin.remote.url" in refusal and "kvplugin.directio.path" in refusal
     assert SECRET not in json.dumps(findings) and SECRET not in stderr
 
 
@@ -178,8 +186,8 @@ def test_environment_that_breaks_lmcache_or_plugin_loading_fails(tmp_path):
         ("redis://host:6379", "redis://host:6379"),
     ],
 )
-def test_redact_url_hides_credentials(url, shown):
-    assert redact_url(url) == shown
+def test_redacted_url_hides_credentials(url, shown):
+    assert redacted(url) == shown
 
 
 def test_screen_prints_messages_verbatim_not_as_rich_markup():

@@ -25,7 +25,9 @@ from example_configs import (
 from vllm.config import KVTransferConfig
 
 from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME
+from vllm_kvplugin.lmcache.remote_tier import PLUGIN_NAME as REMOTE_PLUGIN
 from vllm_kvplugin.lmcache.settings import check_extra_config
+from vllm_kvplugin.storage.settings import REMOTE_URL_KEY, remote_settings
 
 REQUIRED = {"cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json",
             "producer.json", "consumer.json"}
@@ -58,8 +60,9 @@ def test_example_passes_vllm_and_connector_startup_validation(name, block_size, 
     if PATH_KEY in extra:  # the direct-I/O tier is wired into LMCache, at the substituted path
         assert PLUGIN_NAME in config.storage_plugins
         assert config.extra_config[PATH_KEY] in substitutions.values()
-    if "lmcache.remote_url" in extra:
-        assert config.remote_url == substitutions[PLACEHOLDER_REDIS] and config.remote_serde == "naive"
+    if REMOTE_URL_KEY in extra:  # the checksummed remote tier, never LMCache's unchecked remote_url
+        assert REMOTE_PLUGIN in config.storage_plugins and config.remote_url is None
+        assert config.extra_config[REMOTE_URL_KEY] == substitutions[PLACEHOLDER_REDIS]
 
 
 @pytest.mark.parametrize("name", [n for n in example_names() if lmcache_yaml_for(n)])
@@ -70,8 +73,12 @@ def test_paired_lmcache_yaml_gives_the_same_lmcache_settings(name, substitutions
     from_yaml = check_extra_config({}, 128)
     monkeypatch.delenv("LMCACHE_CONFIG_FILE")
     from_json = check_extra_config(load_example(name, substitutions)["kv_connector_extra_config"], 128)
-    for key in ("chunk_size", "max_local_cpu_size", "pre_caching_hash_algorithm", "remote_url", "remote_serde"):
+    for key in ("chunk_size", "max_local_cpu_size", "pre_caching_hash_algorithm", "remote_url", "storage_plugins"):
         assert getattr(from_yaml, key) == getattr(from_json, key), key
+    for key, value in (from_yaml.extra_config or {}).items():  # the YAML leaves defaults out
+        assert from_json.extra_config[key] == value, key
+    if REMOTE_URL_KEY in from_json.extra_config:
+        assert remote_settings(from_yaml.extra_config) == remote_settings(from_json.extra_config)
 
 
 @pytest.mark.parametrize(

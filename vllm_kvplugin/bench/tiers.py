@@ -2,8 +2,8 @@
 """Storage tiers: one prompt's KV stored and loaded through a real LMCacheEngine with our mover, tier by tier.
 
 Runs in the benchmarking process (LMCache's engine in-process, no vLLM). Tiers:
-LMCache's CPU tier; our direct-I/O tier on a directory; LMCache's remote tier on
-a real ``redis-server`` started here on loopback. For the last two LMCache's CPU
+LMCache's CPU tier; our direct-I/O tier on a directory; our checksummed remote
+tier on a real ``redis-server`` started here on loopback. For the last two LMCache's CPU
 tier is off (``local_cpu: false``), so loads come from the files or from Redis.
 Their puts are asynchronous: store time runs from ``store()`` until the tier
 answers lookups for every chunk, and loads are timed only after that. The
@@ -13,7 +13,8 @@ cache, which this benchmark cannot drop; the row's note says which.
 
 Each tier's engine runs in a child process that exits without closing it:
 LMCache 0.5.6's ``RedisConnector.close`` awaits a blocking shutdown on its own
-event loop and never returns, and its engines' threads outlive a close anyway.
+event loop and never returns (the reason this began), and LMCache's engines'
+threads outlive a close anyway.
 The tier itself (directory, Redis server) belongs to this process.
 """
 
@@ -91,10 +92,13 @@ def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iter
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     elif name == "redis":
+        from vllm_kvplugin.lmcache.remote_tier import plugin_config as remote_config
+
         with RedisServer(workdir) as redis:
             empty = _dataset_bytes(redis)
-            cfg = dict(local_cpu=False, remote_url=redis.url, remote_serde="naive", **base)
-            yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty, "redis-server on loopback, naive serde")
+            cfg = dict(local_cpu=False, **base, **remote_config({"kvplugin.remote.url": redis.url}))
+            yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty,
+                        "redis-server on loopback, checksummed chunk values")
     else:
         raise ValueError(f"unknown tier {name!r}; choose from {TIERS}")
 

@@ -3,8 +3,8 @@
 
 Runs in the user's shell process (``vllm-kvplugin doctor``). Each probe
 does the real thing on a small scale — a chunk file written and read back
-through the I/O engine the direct-I/O tier would pick, a file round trip on
-LMCache's local disk, a TCP connect and ``PING`` to Redis with a short
+through the I/O engine the direct-I/O tier would pick, a ``PING`` and a probe
+value written, read and deleted on the remote tier's Redis with a short
 timeout — and cleans up after itself. Credentials in URLs are never printed.
 """
 
@@ -23,15 +23,15 @@ _GB = 1e9
 def check_tiers(found, config, extra: dict) -> None:
     """Probe every tier the connector would configure from LMCache's ``config`` and ``extra``."""
     from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME, SIZE_KEY
+    from vllm_kvplugin.storage.settings import REMOTE_URL_KEY
 
     check_cpu(found, config)
     settings = {**(config.extra_config or {}), **extra}
     if PLUGIN_NAME in (config.storage_plugins or []) or PATH_KEY in extra:
         check_directio(found, str(settings[PATH_KEY]), float(settings.get(SIZE_KEY, 10)))
-    if config.local_disk:
-        check_local_disk(found, config)
-    if config.remote_url:
-        check_remote(found, config.remote_url, config)
+    if REMOTE_URL_KEY in settings:
+        check_remote(found, settings)
+    # LMCache's own local_disk and remote_url tiers are refused by the config check (no checksum).
 
 
 def check_cpu(found, config) -> None:
@@ -72,63 +72,31 @@ def check_directio(found, path: str, max_size_gb: float) -> None:
               + ("" if level == "ok" else ": the budget will not fit"))
 
 
-def check_local_disk(found, config) -> None:
-    """LMCache's own ``local_disk`` tier (comma-separated directories)."""
-    if float(config.max_local_disk_size or 0) <= 0:
-        found.add("local_disk", "warn", f"local_disk={config.local_disk} is ignored: LMCache creates the "
-                  "disk tier only with max_local_disk_size > 0")
-        return
-    for path in filter(None, (p.strip() for p in config.local_disk.split(","))):
-        if not _usable_directory(found, "local_disk", path):
-            continue
-        try:
-            _file_round_trip(path)
-        except OSError as e:
-            found.add("local_disk", "fail", f"{path}: write/read probe failed ({e.strerror or e})")
-            continue
-        found.add("local_disk", "warn", f"{path}: file written and read back, {config.max_local_disk_size:g} GB; "
-                  "LMCache's disk tier keeps its index in memory (a restarted server starts cold) and serves "
-                  "files unchecked: prefer kvplugin.directio.*")
+def check_remote(found, settings: dict) -> None:
+    """The checksummed remote tier: a real connect, ``PING`` and probe value, never showing credentials."""
+    from vllm_kvplugin.storage.format import HEADER_SIZE
+    from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, RedisChunkStore
+    from vllm_kvplugin.storage.settings import remote_settings
 
-
-def check_remote(found, url: str, config) -> None:
-    """LMCache's ``remote_url``: a real connect and ``PING`` for Redis, reported without credentials."""
-    shown = redact_url(url)
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "resp"):
-        found.add("remote tier", "warn", f"{shown}: scheme {scheme!r} is not probed by doctor")
-        return
-    if urlsplit(url).password:
-        found.add("remote tier", "warn", f"{shown}: LMCache 0.5.6 logs remote_url verbatim, password included; use "
-                  "resp://host:port with LMCACHE_RESP_USERNAME/LMCACHE_RESP_PASSWORD instead")
-    import redis
-
-    extra = config.extra_config or {}
-    password = extra.get("password") or os.environ.get("LMCACHE_RESP_PASSWORD") or None
-    username = extra.get("username") or os.environ.get("LMCACHE_RESP_USERNAME") or None
-    probe_url = urlsplit(url)._replace(scheme="redis").geturl() if scheme == "resp" else url  # same protocol
+    tier = remote_settings(settings)
+    store = RedisChunkStore(tier.url, timeout_s=min(tier.timeout_s, _TIMEOUT_S), retry_after_s=0)
+    if store.password_in_url:
+        found.add("remote tier", "warn", f"{store.url}: a password in kvplugin.remote.url is written to vLLM's "
+                  f"and LMCache's config logs; set {PASSWORD_ENV} in the environment instead")
+    probe, name = uuid.uuid4().bytes * (HEADER_SIZE // 16), f"doctor-probe-{uuid.uuid4().hex}"
     try:
-        client = redis.Redis.from_url(probe_url, socket_connect_timeout=_TIMEOUT_S, socket_timeout=_TIMEOUT_S,
-                                      **({} if urlsplit(url).password else {"password": password, "username": username}))
-        client.ping()
-        client.close()
-    except Exception as e:  # noqa: BLE001 - refused, timeout, auth, DNS: all unreachable
-        message = str(e)
-        for secret in filter(None, (urlsplit(url).password, password)):
-            message = message.replace(secret, "***")
-        found.add("remote tier", "fail", f"{shown}: unreachable within {_TIMEOUT_S:g} s ({message})")
+        ok = store.ping() and store.put(name, probe) and store.get(name) == probe
+        store.delete(name)
+    finally:
+        store.close()
+    if not ok:
+        error = store.last_error or "the probe value did not round-trip"
+        for secret in filter(None, (urlsplit(tier.url).password, os.environ.get(PASSWORD_ENV))):
+            error = error.replace(secret, "***")
+        found.add("remote tier", "fail", f"{store.url}: not usable within {_TIMEOUT_S:g} s ({error})")
         return
-    serde = config.remote_serde
-    found.add("remote tier", "ok" if serde == "naive" else "warn", f"{shown}: PING answered; remote_serde={serde}"
-              + ("" if serde == "naive" else " (the portable path stores opaque blocks: use naive)"))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced, safe to print."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+    found.add("remote tier", "ok", f"{store.url}: PING answered, a {len(probe)}-byte value written, read back "
+              f"and deleted; calls bounded by {tier.timeout_s:g} s")
 
 
 def _usable_directory(found, check: str, path: str) -> bool:
@@ -148,21 +116,6 @@ def _usable_directory(found, check: str, path: str) -> bool:
         found.add(check, "fail", f"{path} does not exist and cannot be created ({parent} is not a writable "
                   "directory)")
     return False
-
-
-def _file_round_trip(directory: str) -> None:
-    """Write and read back a small plain file (what LMCache's disk tier does), then remove it."""
-    path = os.path.join(directory, f".kvplugin-doctor-{uuid.uuid4().hex}")
-    data = os.urandom(4096)
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-        with open(path, "rb") as f:
-            if f.read() != data:
-                raise OSError(errno.EIO, "read back different bytes")
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def _chunk_round_trip(io, directory: str):

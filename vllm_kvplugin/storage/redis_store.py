@@ -27,12 +27,11 @@ USERNAME_ENV, PASSWORD_ENV = "KVPLUGIN_REMOTE_USERNAME", "KVPLUGIN_REMOTE_PASSWO
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password (safe to log)."""
+    """``url`` with any ``user:password@`` replaced by ``***@`` (safe to log)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.hostname}:{parts.port}"))
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 class RedisChunkStore:
