@@ -23,11 +23,18 @@ REFUSED = [
      "kvplugin.directio.path: directory of the direct-I/O tier (enables it); "
      "kvplugin.directio.max_size_gb: size budget of that directory, GB (default 10); "
      "kvplugin.directio.io_threads: writer threads (default 2); "
+     "kvplugin.remote.url: redis://[user:password@]host:port[/db] of the shared remote tier (enables it); "
+     "kvplugin.remote.timeout_s: bound on any one call to that server, s (default 1); "
+     "kvplugin.remote.io_threads: its writer threads (default 2); "
      "kvplugin.save_mode: async (store behind the forward pass) or sync (inside it); "
      "default async on CUDA/ROCm, sync on CPU and HPU"),
     ({"kvplugin.save_mode": "later"}, "kvplugin.save_mode must be one of sync, async, got 'later'"),
     ({"kvplugin.directio.path": ""}, "kvplugin.directio.path must name a directory, got ''"),
     ({"kvplugin.directio.path": 5}, "kvplugin.directio.path must name a directory, got 5"),
+    # the remote tier's own keys (a bad URL is never echoed: it may carry a password)
+    ({"kvplugin.remote.url": "http://u:pw@h:1"}, "kvplugin.remote.url must be a redis://, rediss://, unix:// URL"),
+    ({"kvplugin.remote.url": "redis://h:1", "kvplugin.remote.timeout_s": 0},
+     "kvplugin.remote.timeout_s must be a positive number, got 0"),
     ({"kvplugin.directio.max_size_gb": 1}, "kvplugin.directio.path must name a directory, got None"),
     ({**TIER, "kvplugin.directio.max_size_gb": "lots"},
      "kvplugin.directio.max_size_gb must be a positive number, got 'lots'"),
