@@ -3,8 +3,9 @@
 
 Runs in the benchmarking process (LMCache's engine in-process, no vLLM). Tiers:
 LMCache's CPU tier; our direct-I/O tier on a directory; our checksummed remote
-tier on a real ``redis-server`` started here on loopback. For the last two LMCache's CPU
-tier is off (``local_cpu: false``), so loads come from the files or from Redis.
+tier on a real ``redis-server`` started here on loopback; and, as the peer, LMCache's own
+Redis connector on another one (no checksum: the connector refuses it, the
+benchmark measures it). For all but the first LMCache's CPU tier is off (``local_cpu: false``), so loads come from the files or from Redis.
 Their puts are asynchronous: store time runs from ``store()`` until the tier
 answers lookups for every chunk, and loads are timed only after that. The
 direct-I/O tier reads with O_DIRECT where the filesystem allows it (page cache
@@ -39,7 +40,7 @@ from vllm_kvplugin.bench.mover import KVShape
 from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.bench.report import _pass, _table
 
-TIERS = ("cpu", "directio", "redis")
+TIERS = ("cpu", "directio", "redis", "lmcache-redis")
 SHAPES = {
     "small": KVShape(layers=4, kv_heads=2, head_size=64),  # scaling.py's shape: 2 KiB/token
     "8b": KVShape(),  # Llama-3.1-8B per rank: 32 layers, 8 KV heads, head 128, bf16: 128 KiB/token
@@ -99,6 +100,12 @@ def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iter
             cfg = dict(local_cpu=False, **base, **remote_config({"kvplugin.remote.url": redis.url}))
             yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty,
                         "redis-server on loopback, checksummed chunk values")
+    elif name == "lmcache-redis":  # the peer: LMCache's own RedisConnector, which the connector refuses
+        with RedisServer(workdir) as redis:
+            empty = _dataset_bytes(redis)
+            cfg = dict(local_cpu=False, remote_url=redis.url, remote_serde="naive", **base)
+            yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty,
+                        "peer: LMCache's RedisConnector, naive serde, no checksum (refused by the connector)")
     else:
         raise ValueError(f"unknown tier {name!r}; choose from {TIERS}")
 
