@@ -26,12 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--kv-transfer-config", metavar="JSON", help="the JSON given to vllm serve")
     doctor.add_argument("--block-size", type=int, help="vLLM's --block-size (default: the platform's)")
     doctor.add_argument("--json", action="store_true", help="machine-readable findings")
+    server = sub.add_parser("server", help="start an `lmcache server` (LMCache MP mode) that fits the connector")
+    from vllm_kvplugin.mp.server import add_arguments
+
+    add_arguments(server)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from vllm_kvplugin.demo import main_job
 
         return main_job.run(args.workdir, args.prompt_tokens)
+    if args.command == "server":
+        from vllm_kvplugin.mp import server as mp_server
+
+        return mp_server.run(args)
     if args.command == "doctor":
         from vllm_kvplugin import doctor
 

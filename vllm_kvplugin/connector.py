@@ -33,6 +33,7 @@ from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 from vllm_kvplugin.lmcache.load_guard import ForwardContextForLoads, blocks_to_load
 from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
+from vllm_kvplugin.mp.settings import is_mp_config
 from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler
 from vllm_kvplugin.storage.directory import ChunkDirectory
 
@@ -46,11 +47,24 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
     ``LMCACHE_*`` variables, ``LMCACHE_CONFIG_FILE`` or ``lmcache.<key>``
     entries of ``kv_connector_extra_config``.
 
+    With LMCache's own ``lmcache.mp.*`` keys in ``kv_connector_extra_config``
+    the same name runs LMCache's multiprocess mode instead: vLLM gets a
+    :class:`vllm_kvplugin.mp.connector.LMCachePortableMPConnector`, which
+    talks to a separately run ``lmcache server``.
+
     Raises:
         ValueError: at construction, for LMCache settings the portable path cannot honour.
         RuntimeError: at ``register_kv_caches``, if LMCache failed to start (LMCache
             itself would only log it and silently recompute every prompt).
     """
+
+    def __new__(cls, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        """The in-process connector, or (``lmcache.mp.*`` keys) LMCache's MP mode under the same name."""
+        if is_mp_config(vllm_config.kv_transfer_config.kv_connector_extra_config):
+            from vllm_kvplugin.mp.connector import LMCachePortableMPConnector
+
+            return LMCachePortableMPConnector(vllm_config, role, kv_cache_config)  # not ours: no __init__ again
+        return super().__new__(cls)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         if role == KVConnectorRole.WORKER:

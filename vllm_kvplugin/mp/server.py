@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``vllm-kvplugin server``: an ``lmcache server`` set up for the portable connector.
+
+Runs in the user's shell process, then becomes the server (``exec``): the
+process an operator or a service manager starts is LMCache's own server,
+with flags chosen so that every worker the portable connector serves fits:
+
+* ``--supported-transfer-mode auto``: CPU and HPU workers move KV themselves
+  (``engine_driven``), CUDA/ROCm workers hand the server device memory
+  (``lmcache_driven``); LMCache's default serves only the latter;
+* ``--eviction-policy LRU`` and an L1 size (required by LMCache);
+* with ``--directio-path``, our checksummed chunk-file tier as the server's
+  L2 adapter (:mod:`vllm_kvplugin.mp.l2_adapter`): a restarted server is
+  warm from disk, a damaged file is a miss.
+
+Anything after ``--`` goes to ``lmcache server`` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ADAPTER_MODULE = "vllm_kvplugin.mp.l2_adapter"
+ADAPTER_CLASS = "DirectIOL2Adapter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address of LMCache's ZMQ socket (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5555, help="its port (lmcache.mp.port; default 5555)")
+    parser.add_argument("--http-port", type=int, default=8080, help="LMCache's HTTP API on 127.0.0.1 (default 8080)")
+    parser.add_argument("--l1-size-gb", type=float, default=4.0, help="host-memory cache, GB (default 4)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk (default 256, LMCache's)")
+    parser.add_argument("--directio-path", help="directory of the direct-I/O L2 tier (enables it)")
+    parser.add_argument("--directio-max-size-gb", type=float, default=10.0, help="its byte budget, GB (default 10)")
+    parser.add_argument("--directio-io-threads", type=int, default=2, help="its I/O threads (default 2)")
+    parser.add_argument("--print-command", action="store_true", help="print the lmcache command line; start nothing")
+    parser.add_argument("lmcache_args", nargs=argparse.REMAINDER, help="after --: more `lmcache server` flags")
+
+
+def l2_adapter_json(path: str, max_size_gb: float, io_threads: int) -> str:
+    """The ``--l2-adapter`` value that loads our tier through LMCache's ``plugin`` adapter type."""
+    return json.dumps({
+        "type": "plugin", "module_path": ADAPTER_MODULE, "class_name": ADAPTER_CLASS,
+        "adapter_params": {"path": path, "max_size_gb": max_size_gb, "io_threads": io_threads},
+    })
+
+
+def lmcache_server_argv(args: argparse.Namespace) -> list[str]:
+    """The ``lmcache server`` command line for ``args``."""
+    argv = [
+        sys.executable, "-m", "lmcache.cli.main", "server",
+        "--host", args.host, "--port", str(args.port), "--http-port", str(args.http_port),
+        "--l1-size-gb", f"{args.l1_size_gb:g}", "--eviction-policy", "LRU",
+        "--chunk-size", str(args.chunk_size), "--supported-transfer-mode", "auto",
+    ]
+    if args.directio_path:
+        from vllm_kvplugin.mp.l2_adapter import DirectIOL2AdapterConfig
+
+        params = {"path": os.path.abspath(args.directio_path), "max_size_gb": args.directio_max_size_gb,
+                  "io_threads": args.directio_io_threads}
+        DirectIOL2AdapterConfig.from_dict(params)  # a bad value fails here, with its key named
+        argv += ["--l2-adapter", l2_adapter_json(**params)]
+    extra = list(args.lmcache_args)
+    return argv + (extra[1:] if extra[:1] == ["--"] else extra)
+
+
+def run(args: argparse.Namespace) -> int:
+    argv = lmcache_server_argv(args)
+    if args.print_command:
+        print(" ".join(_quoted(a) for a in argv))
+        return 0
+    env = dict(os.environ)
+    env.setdefault("LMCACHE_TRACK_USAGE", "false")  # inference hosts are often offline
+    os.execve(sys.executable, argv, env)  # the server replaces this process: signals reach it directly
+
+
+def _quoted(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+class ServerProcess:
+    """A local ``lmcache server`` child process (tests, benchmarks, ``demo --mp``), ready when started.
+
+    ``stock=True`` starts it the way LMCache documents, with LMCache's defaults
+    (``lmcache server --l1-size-gb N --eviction-policy LRU``: ``lmcache_driven``
+    transfers only); otherwise as ``vllm-kvplugin server`` would. Runs in the
+    caller's process; the server is a child with its own log file.
+    """
+
+    def __init__(self, workdir, l1_size_gb: float = 1.0, directio_path=None, stock: bool = False,
+                 chunk_size: int = 256, extra: tuple[str, ...] = ()):
+        from vllm_kvplugin.demo.server import free_port
+
+        self.workdir, self.port, self.http_port = workdir, free_port(), free_port()
+        args = argparse.Namespace(
+            host="127.0.0.1", port=self.port, http_port=self.http_port, l1_size_gb=l1_size_gb,
+            chunk_size=chunk_size, directio_path=str(directio_path) if directio_path else None,
+            directio_max_size_gb=1.0, directio_io_threads=2, lmcache_args=list(extra),
+        )
+        self.argv = lmcache_server_argv(args)
+        if stock:  # LMCache's documented minimum: no transfer-mode flag
+            i = self.argv.index("--supported-transfer-mode")
+            del self.argv[i : i + 2]
+        self.url = f"tcp://127.0.0.1:{self.port}"
+        self._proc = None
+
+    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
+        import subprocess
+        import time
+
+        from vllm_kvplugin.mp.server_probe import ServerUnavailable, ask
+
+        log = open(self.workdir / f"lmcache-server-{self.port}.log", "a")
+        env = dict(os.environ, LMCACHE_TRACK_USAGE="false")
+        self._proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ask(self.url, 1.0, modes=False)
+                return self
+            except ServerUnavailable:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"lmcache server did not start; see {log.name}") from None
+
+    @property
+    def log_path(self):
+        return self.workdir / f"lmcache-server-{self.port}.log"
+
+    def stop(self) -> None:
+        """SIGTERM and wait (LMCache closes its L2 adapters: queued stores are written)."""
+        import subprocess
+
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
