@@ -18,13 +18,22 @@ off the server's 256-token chunk grid; the block size (64) is not vLLM-CPU's
 default.
 """
 
+import json
 import random
+import subprocess
+import sys
+import time
 
 import pytest
 
 from tests.e2e.engines import run_engine
 from tests.e2e.llm_runner import damage_every_chunk_file
+from tests.vllm.example_configs import load_example
+from tests.e2e.engines import RUNNER, engine_env
+from vllm_kvplugin import doctor
+from vllm_kvplugin.demo.server import free_port
 from vllm_kvplugin.mp.server import ServerProcess
+from vllm_kvplugin.mp.server_probe import ServerUnavailable, ask, choose_transfer_mode
 
 pytestmark = pytest.mark.e2e
 
@@ -34,11 +43,10 @@ WHOLE_CHUNKS = [n // CHUNK * CHUNK for n in LENGTHS]
 
 
 def mp_connector(server: ServerProcess) -> dict:
-    """The README's MP configuration: our connector name with LMCache's own keys."""
-    return {
-        "kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server.port},
-    }
+    """examples/mp-server.json (our connector name with LMCache's own keys), at this server's port."""
+    kv = load_example("mp-server.json")
+    kv["kv_connector_extra_config"]["lmcache.mp.port"] = server.port
+    return kv
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,10 @@ def story(tmp_path_factory, tiny_model):
     l2 = work / "l2"
     out = {"baseline": run_engine(spec | {"passes": 1}, work, "baseline")}
     with ServerProcess(work, directio_path=l2, stock=True) as stock:
+        started = time.monotonic()
+        out["stock_answer"] = ask(stock.url, 5.0)
+        out["probe_s"] = time.monotonic() - started
+        out["doctor"] = doctor.diagnose(json.dumps(mp_connector(stock)))
         out["stock"] = run_engine(spec | {"passes": 2, "kv_transfer_config": mp_connector(stock)}, work, "stock")
         out["vllm_restarted"] = run_engine(
             spec | {"passes": 1, "kv_transfer_config": mp_connector(stock)}, work, "vllm_restarted")
@@ -77,6 +89,17 @@ def test_stock_server_defaults_work_through_shared_memory(story):
     assert "Supported transfer mode: lmcache_driven" in story["stock_log"]  # the server's default, unchanged
 
 
+def test_a_stock_server_is_probed_in_seconds_and_hpu_gets_the_fix(story):
+    answer = story["stock_answer"]
+    assert answer.transfer_modes == {"lmcache_driven"}
+    assert story["probe_s"] < 30
+    with pytest.raises(ServerUnavailable, match="--supported-transfer-mode auto"):
+        choose_transfer_mode(answer, "hpu", None)  # Gaudi workers only move KV themselves
+    server = [f for f in story["doctor"] if f.check.startswith("lmcache server")]
+    assert [f.level for f in server] == ["ok"]
+    assert "cpu workers will register with lmcache_driven" in server[0].message
+
+
 def test_restarted_vllm_is_warm_from_the_server(story):
     run = story["vllm_restarted"]["passes"][0]
     assert run["cached"] == WHOLE_CHUNKS
@@ -100,3 +123,17 @@ def test_damaged_l2_files_are_misses_never_wrong_tokens(story):
     assert "failed its checks" in story["damage_log"]
     # Each damaged file was dropped when read; the fresh store of the same chunks replaced it.
     assert len(story["files_after_damage"]) == len(story["files"])
+
+
+def test_vllm_fails_in_seconds_when_no_server_answers(tmp_path, tiny_model):
+    """LMCache alone waits 300 s for the server, then dies; ours stops startup within seconds, naming the fix."""
+    kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
+          "kv_connector_extra_config": {"lmcache.mp.port": free_port(), "kvplugin.mp.probe_timeout_s": 2}}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": tiny_model, "prompts": [[1, 2, 3]], "kv_transfer_config": kv}))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(RUNNER), str(spec), str(tmp_path / "out.json")], cwd=tmp_path,
+                          env=engine_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "no LMCache server answered" in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 120  # engine start included; LMCache alone: > 300 s

@@ -27,10 +27,11 @@ from vllm.config import KVTransferConfig
 from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME
 from vllm_kvplugin.lmcache.remote_tier import PLUGIN_NAME as REMOTE_PLUGIN
 from vllm_kvplugin.lmcache.settings import check_extra_config
+from vllm_kvplugin.mp.settings import check_mp_config, is_mp_config
 from vllm_kvplugin.storage.settings import REMOTE_URL_KEY, remote_settings
 
 REQUIRED = {"cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json",
-            "producer.json", "consumer.json"}
+            "producer.json", "consumer.json", "mp-server.json"}
 BLOCK_SIZES = (16, 32, 128)
 
 
@@ -55,6 +56,10 @@ def test_example_passes_vllm_and_connector_startup_validation(name, block_size, 
     ktc = KVTransferConfig(**data)
     assert ktc.kv_connector in ("LMCachePortableConnector", "LMCacheHPUConnector")
     extra = ktc.kv_connector_extra_config
+    if is_mp_config(extra):  # LMCache MP mode: the server holds the settings (tests/e2e/test_mp_mode.py runs it)
+        check_mp_config(extra)
+        assert set(extra) <= {"lmcache.mp.host", "lmcache.mp.port"}
+        return
     config = check_extra_config(extra, block_size)
     assert config.chunk_size == extra["lmcache.chunk_size"]
     if PATH_KEY in extra:  # the direct-I/O tier is wired into LMCache, at the substituted path

@@ -10,7 +10,8 @@ for real (:mod:`.tiers`). Each finding is ``ok``, ``warn`` or ``fail``; a
 and never hits), and makes the exit status 1.
 
 Modules: :mod:`.host` (environment, entry points, platform, connectors, KV
-mover), :mod:`.gaudi` (vllm-gaudi's runner), :mod:`.config` (the connector's config checks), :mod:`.tiers`.
+mover), :mod:`.gaudi` (vllm-gaudi's runner), :mod:`.config` (the connector's config checks), :mod:`.tiers`,
+:mod:`.mp` (LMCache MP servers).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def diagnose(kv_transfer_config: str | None = None, block_size: int | None = Non
     Applies to ``os.environ`` the defaults vLLM would get from our platform entry,
     so the configuration is read as vLLM's processes will read it.
     """
-    from vllm_kvplugin.doctor import config, gaudi, host, tiers
+    from vllm_kvplugin.doctor import config, gaudi, host, mp, tiers
 
     found = Findings()
     host.check_environment(found, os.environ)
@@ -75,8 +76,11 @@ def diagnose(kv_transfer_config: str | None = None, block_size: int | None = Non
     with found.guard("config"):
         block_size = block_size or host.default_block_size(device)
         lmcache_config, extra = config.check_config(found, kv_transfer_config, block_size, device)
-        config.check_hash(found, lmcache_config, os.environ, defaults)
-        tiers.check_tiers(found, lmcache_config, extra)
+        if lmcache_config is None:
+            mp.check_servers(found, extra, device)
+        else:
+            config.check_hash(found, lmcache_config, os.environ, defaults)
+            tiers.check_tiers(found, lmcache_config, extra)
     return found
 
 

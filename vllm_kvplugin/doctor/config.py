@@ -14,12 +14,13 @@ import json
 
 from vllm_kvplugin import plugin
 from vllm_kvplugin.doctor.host import CONNECTORS
+from vllm_kvplugin.mp.settings import check_mp_config, is_mp_config
 
 _OUR_MODULE_PATHS = (None, "vllm_kvplugin.connector")
 
 
 def check_config(found, kv_transfer_config: str | None, block_size: int, device: str | None = None):
-    """LMCache's config as the connector would build it, and ``kv_connector_extra_config``.
+    """LMCache's config as the connector would build it (``None`` in MP mode), and ``kv_connector_extra_config``.
 
     Raises:
         Exception: JSON or vLLM validation errors (the caller reports them as a fail).
@@ -37,6 +38,15 @@ def check_config(found, kv_transfer_config: str | None, block_size: int, device:
     ours = ktc.kv_connector in CONNECTORS and ktc.kv_connector_module_path in _OUR_MODULE_PATHS
     found.add("config", "ok" if ours else "warn", f"{source}: {ktc.kv_connector}, {ktc.kv_role}"
               + ("" if ours else f"; not one of this plugin's connectors {list(CONNECTORS)}"))
+    if is_mp_config(extra):  # LMCache's multiprocess mode: the server holds config and tiers (doctor.mp)
+        try:
+            check_mp_config(extra)
+        except ValueError as e:
+            found.add("config", "fail", f"the connector would refuse this at startup: {e}")
+        else:
+            found.add("config", "ok", "lmcache.mp.* keys: LMCache's multiprocess mode, the cache is in an "
+                      "`lmcache server`")
+        return None, extra
     config = load_engine_config_with_overrides()  # LMCache's loader: LMCACHE_CONFIG_FILE, then LMCACHE_*
     try:
         apply_extra_config(config, extra, block_size)
