@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +88,15 @@ def run_bench(which: set[str], args) -> int:
         rows = tiers.run(args.out / "tiers", progress=progress)  # small KV, 32K tokens
         rows += tiers.run(args.out / "tiers", tokens=4096, shape="8b", progress=progress)  # 32 MiB chunks
         sections.append(tiers.tiers_table(rows))
+    if "mp-ops" in which:
+        from vllm_kvplugin.bench import mp_ops
+
+        sections.append(mp_ops.ops_table(mp_ops.bench_ops(progress=progress)))
+    if "mp-ttft" in which:
+        from vllm_kvplugin.bench import mp_serving
+
+        sections.append(mp_serving.modes_table(mp_serving.run(args.out / "mp", args.lengths, args.repeats,
+                                                              progress=progress)))
     text = "\n\n".join(sections) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)

@@ -60,3 +60,14 @@ def test_directio_bench_compares_with_dd_on_real_files(tmp_path):
     assert min(result.write_gbps, result.read_gbps, result.dd_write_gbps, result.dd_read_gbps) > 0
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # cleans up after itself
     assert "| write |" in report.directio_table(result)
+
+
+def test_mp_ops_bench_times_both_device_ops_on_the_same_call():
+    from vllm_kvplugin.bench import mp_ops
+
+    (r,) = mp_ops.bench_ops({"tiny": KVShape(layers=2, kv_heads=2, head_size=16)}, block_sizes=(32,), tokens=512,
+                            cache_gib=0.01, rounds=3)
+    assert (r.shape, r.block_size, r.tokens) == ("tiny", 32, 512)
+    assert set(r.ratios) == {"ours store", "lmcache store", "ours load", "lmcache load"}
+    assert all(len(v) == 3 and min(v) > 0 for v in r.ratios.values())
+    assert "| tiny | 32 | 512 |" in mp_ops.ops_table([r])

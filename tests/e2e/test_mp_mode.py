@@ -8,8 +8,9 @@ One story, in order (each step a new vLLM-CPU engine process, one module):
    shared-memory path instead of hanging; the second pass hits;
 2. vLLM restarted, same server: warm from the server's memory;
 3. the server restarted as ``vllm-kvplugin server`` (``auto``: the CPU worker
-   moves KV itself, ``engine_driven``) on the same directory: warm from our
-   L2 adapter's files, written in the other transfer mode (same chunk bytes);
+   moves KV itself, ``engine_driven``, through our device plugin) on the same
+   directory: warm from our L2 adapter's files, which the stock server's own
+   copy wrote in the other transfer mode (same chunk bytes, same tokens);
 4. every file damaged (truncated, payload or header bit flipped), server
    restarted: misses, the same tokens.
 
@@ -111,6 +112,7 @@ def test_restarted_server_is_warm_from_our_l2_files(story):
     assert len(story["files"]) == sum(n // CHUNK for n in LENGTHS)
     run = story["server_restarted"]
     assert "registering cpu KV with engine_driven" in run["log"]
+    assert "through kvplugin_cpu" in run["log"]  # our device plugin loads what LMCache's copy stored
     assert run["passes"][0]["cached"] == WHOLE_CHUNKS
     assert run["passes"][0]["tokens"] == story["baseline"]["passes"][0]["tokens"]
 

@@ -19,7 +19,9 @@ promises in-process too:
   silently ignore them;
 * vLLM's roles, strictly: a ``kv_producer`` never loads (LMCache's MP
   connector would), a ``kv_consumer`` never stores (LMCache already);
-* the ``vllm:kvplugin_*`` lookup and hit counters of the in-process mode.
+* the ``vllm:kvplugin_*`` lookup and hit counters of the in-process mode;
+* a CPU worker that moves KV itself (``engine_driven``) does it with our
+  one-pass mover, LMCache's device plugin :mod:`.device_plugin`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from lmcache.logging import init_logger
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from vllm_kvplugin.metrics import KVPluginStats
-from vllm_kvplugin.mp.server_probe import ask, choose_transfer_mode
+from vllm_kvplugin.mp.device_plugin import BACKEND_NAME, claim_cpu_transfers
+from vllm_kvplugin.mp.server_probe import ENGINE_DRIVEN, ask, choose_transfer_mode
 from vllm_kvplugin.mp.settings import MP_PREFIX, check_mp_config, server_urls
 
 logger = init_logger(__name__)
@@ -61,6 +64,10 @@ class LMCachePortableMPConnector(LMCacheMPConnector):
         mode = choose_transfer_mode(answer, device_type, self._requested_mode)
         logger.info("LMCache server at %s serves %s; registering %s KV with %s", answer.url,
                     sorted(answer.transfer_modes), device_type, mode)
+        if mode == ENGINE_DRIVEN and device_type == "cpu":
+            claim_cpu_transfers()
+            logger.info("KV moves between vLLM's blocks and LMCache's chunks through %s (%s)",
+                        BACKEND_NAME, "vllm_kvplugin.mp.device_plugin")
         self.worker_adapter._mp_transfer_mode = mode  # read by LMCache when it registers (just below)
         super().register_kv_caches(kv_caches)
 
