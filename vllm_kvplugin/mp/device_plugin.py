@@ -14,8 +14,9 @@ whichever side moved the KV. What differs is the number of passes over the
 data. For a store LMCache's torch path selects a layer's blocks into a
 temporary, permutes them into a second one and copies that into the chunk;
 here ``index_select`` reads the blocks through a token-major view of the
-layer and writes straight into the chunk: one pass. Loads are one
-``index_copy_`` per layer on both paths. Layouts handled (everything else
+layer and writes straight into the chunk: one pass, over 16-byte words
+rather than 2-byte elements. Loads are one ``index_copy_`` per layer on both
+paths, ours again over words. Layouts handled (everything else
 goes to LMCache's own implementation, unchanged):
 
 * ``NL_X_NB_NH_BS_CS`` / ``NL_X_NB_BS_NH_CS``: one tensor per layer with K
@@ -81,6 +82,18 @@ def _block_views(paged, engine_kv_format) -> list[list[torch.Tensor]]:
     return views
 
 
+_WORDS = ((16, torch.complex128), (8, torch.int64), (4, torch.int32), (2, torch.int16))
+
+
+def _word_dtype(run_bytes: int, tensors) -> torch.dtype:
+    """The widest word that tiles every contiguous run: CPU copies of 16-byte words run near ``memcpy``
+    speed where 2-byte elements do not (a bf16 head row copies 1.4-1.6x faster as 16-byte words here)."""
+    for size, dtype in _WORDS:
+        if run_bytes % size == 0 and all(t.data_ptr() % size == 0 for t in tensors):
+            return dtype
+    return torch.uint8
+
+
 def transfer(paged, objects, block_ids, direction, block_size: int, chunk_tokens: int, engine_kv_format,
              skip_prefix_n_blocks: int) -> None:
     """Move whole blocks between the paged layers and the chunk objects (LMCache's semantics).
@@ -90,6 +103,10 @@ def transfer(paged, objects, block_ids, direction, block_size: int, chunk_tokens
     ``skip_prefix_n_blocks`` are left alone (the engine already has them).
     """
     layers = _block_views(paged, engine_kv_format)
+    word = _word_dtype(layers[0][0].shape[-1] * layers[0][0].element_size(),
+                       [t for planes in layers for t in planes] + list(objects))
+    layers = [[t.view(word) for t in planes] for planes in layers]
+    objects = [o.view(word) for o in objects]
     planes, nl = len(layers[0]), len(layers)
     _, bs, nh, width = layers[0][0].shape
     ids = torch.as_tensor(block_ids, dtype=torch.long)
