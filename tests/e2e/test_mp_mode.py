@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,8 +58,16 @@ def story(tmp_path_factory, tiny_model):
     spec = {"model": tiny_model, "prompts": prompts, "block_size": 64, "max_tokens": 8}
     work = tmp_path_factory.mktemp("mp")
     l2 = work / "l2"
-    out = {"baseline": run_engine(spec | {"passes": 1}, work, "baseline")}
-    with ServerProcess(work, directio_path=l2, stock=True) as stock:
+    stock = ServerProcess(work, directio_path=l2, stock=True)
+    try:
+        with ThreadPoolExecutor(1) as starting:  # the server starts while the baseline engine runs
+            ready = starting.submit(stock.start)
+            out = {"baseline": run_engine(spec | {"passes": 1}, work, "baseline")}
+            ready.result()
+    except BaseException:
+        stock.stop()
+        raise
+    with stock:
         started = time.monotonic()
         out["stock_answer"] = ask(stock.url, 5.0)
         out["probe_s"] = time.monotonic() - started

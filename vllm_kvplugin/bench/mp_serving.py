@@ -28,13 +28,22 @@ IN_PROCESS = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
 @dataclass
 class ModeResult:
     tokens: int
-    cold_s: dict[str, list[float]] = field(default_factory=lambda: {"in-process": [], "MP": []})
-    warm_s: dict[str, list[float]] = field(default_factory=lambda: {"in-process": [], "MP": []})
+    cold_s: dict[str, list[float]] = field(default_factory=dict)
+    warm_s: dict[str, list[float]] = field(default_factory=dict)
     cached: dict[str, int] = field(default_factory=dict)
+
+
+def _mp(server, **keys) -> dict:
+    return {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server.port,
+                                          **{f"lmcache.mp.{k}": v for k, v in keys.items()}}}
 
 
 def run(workdir: Path, lengths: Iterable[int] = (1024, 4096, 16384), repeats: int = 5,
         progress: Callable[[str], None] = lambda m: None) -> list[ModeResult]:
+    """In-process vs three MP transfers: the worker's chunks pickled over ZMQ (``engine_driven``, LMCache's
+    default without ``--shm-name``), written into the server's shared-memory L1 slots (``--shm-name``),
+    and the server copying from the worker's KV in shared memory (``lmcache_driven``, CPU)."""
     from vllm_kvplugin.mp.server import ServerProcess
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -44,13 +53,14 @@ def run(workdir: Path, lengths: Iterable[int] = (1024, 4096, 16384), repeats: in
     prompts = _Prompts(seed=3)
     results = [ModeResult(n) for n in lengths]
     with ExitStack() as stack:
-        server = stack.enter_context(ServerProcess(workdir, l1_size_gb=2.0))
-        mp = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
-              "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server.port}}
+        plain = stack.enter_context(ServerProcess(workdir, l1_size_gb=2.0, shm=False))
+        shm = stack.enter_context(ServerProcess(workdir, l1_size_gb=2.0))  # vllm-kvplugin server's default
+        configs = {"in-process": IN_PROCESS, "MP engine_driven, pickle": _mp(plain),
+                   "MP engine_driven, SHM": _mp(shm), "MP lmcache_driven (SHM)": _mp(plain, mp_transfer_mode="lmcache_driven")}
         engines = {}
-        for name, kv in (("in-process", IN_PROCESS), ("MP", mp)):
-            engines[name] = VllmServer(model, kv, workdir / f"serve-{name}.log", env=engine_env(),
-                                       prefix_caching=True, max_model_len=max_len,
+        for name, kv in configs.items():
+            engines[name] = VllmServer(model, kv, workdir / f"serve-{name.split(',')[0].replace(' ', '-')}-{len(engines)}.log",
+                                       env=engine_env(), prefix_caching=True, max_model_len=max_len,
                                        extra_args=("--max-num-batched-tokens", str(max_len)))
             stack.callback(engines[name].stop)
         for srv in engines.values():
@@ -66,14 +76,14 @@ def run(workdir: Path, lengths: Iterable[int] = (1024, 4096, 16384), repeats: in
                 for name, srv in order if i % 2 else reversed(order):
                     p = prompts(r.tokens)
                     _settle()
-                    r.cold_s[name].append(srv.complete(p, max_tokens=1).ttft_s)
+                    r.cold_s.setdefault(name, []).append(srv.complete(p, max_tokens=1).ttft_s)
                     srv.reset_prefix_cache()
                     _settle()
                     warm = srv.complete(p, max_tokens=1)
-                    r.warm_s[name].append(warm.ttft_s)
+                    r.warm_s.setdefault(name, []).append(warm.ttft_s)
                     r.cached[name] = warm.cached_tokens
-            progress(f"{r.tokens} tokens: warm in-process {statistics.median(r.warm_s['in-process']) * 1000:.0f} ms, "
-                     f"MP {statistics.median(r.warm_s['MP']) * 1000:.0f} ms")
+            progress(f"{r.tokens} tokens: warm " + ", ".join(
+                f"{name} {statistics.median(v) * 1000:.0f} ms" for name, v in r.warm_s.items()))
     return results
 
 
@@ -86,12 +96,12 @@ def modes_table(results: list[ModeResult]) -> str:
 
     rows = []
     for r in results:
-        ratios = [m / i for m, i in zip(r.warm_s["MP"], r.warm_s["in-process"])]
-        rows.append([str(r.tokens), _ms(r.cold_s["in-process"]), _ms(r.warm_s["in-process"]), _ms(r.cold_s["MP"]),
-                     _ms(r.warm_s["MP"]), f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})",
-                     f"{r.cached['in-process']} / {r.cached['MP']}"])
+        for name, warm in r.warm_s.items():
+            ratios = [w / i for w, i in zip(warm, r.warm_s["in-process"])]
+            rows.append([str(r.tokens), name, _ms(r.cold_s[name]), _ms(warm),
+                         f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})", str(r.cached[name])])
     return ("**LMCache MP vs in-process, `LMCachePortableConnector` on `vllm serve`** (TTFT ms, median (min–max) "
             "over alternating rounds; warm = vLLM's prefix cache dropped, KV from LMCache's host memory; MP: "
-            "`vllm-kvplugin server`, the worker moves KV through our device plugin)\n\n"
-            + _table(["prompt tokens", "in-process cold", "in-process warm", "MP cold", "MP warm",
-                      "MP / in-process warm (per round)", "cached tokens in-process / MP"], rows))
+            "`vllm-kvplugin server`; engine_driven workers move KV through our device plugin)\n\n"
+            + _table(["prompt tokens", "connector", "cold", "warm", "warm / in-process warm (per round)",
+                      "cached tokens"], rows))

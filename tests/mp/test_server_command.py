@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``vllm-kvplugin server``: the ``lmcache server`` line it runs (no server started here)."""
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from vllm_kvplugin.mp.server import check_shm_space
+
+
+def command(*args) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "vllm_kvplugin.cli", "server", "--print-command", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return shlex.split(out.strip().splitlines()[-1])
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_defaults_serve_every_worker_kind_from_shared_memory():
+    argv = command("--port", "6001")
+    assert argv[1:5] == ["-m", "lmcache.cli.main", "server", "--host"]
+    assert flag(argv, "--supported-transfer-mode") == "auto"
+    assert flag(argv, "--eviction-policy") == "LRU"
+    assert flag(argv, "--shm-name") == "kvplugin-6001"
+    assert flag(argv, "--host") == "127.0.0.1"  # loopback unless told otherwise
+    assert "--l2-adapter" not in argv
+
+
+def test_directio_path_adds_our_l2_adapter_and_extra_flags_pass_through(tmp_path):
+    argv = command("--no-shm", "--directio-path", str(tmp_path), "--directio-max-size-gb", "3", "--",
+                   "--max-workers", "2")
+    assert "--shm-name" not in argv
+    adapter = json.loads(flag(argv, "--l2-adapter"))
+    assert adapter == {"type": "plugin", "module_path": "vllm_kvplugin.mp.l2_adapter",
+                       "class_name": "DirectIOL2Adapter",
+                       "adapter_params": {"path": str(tmp_path), "max_size_gb": 3.0, "io_threads": 2}}
+    assert argv[-2:] == ["--max-workers", "2"]
+
+
+def test_bad_tier_values_fail_before_a_server_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vllm_kvplugin.cli", "server", "--print-command",
+                           "--directio-path", str(tmp_path), "--directio-max-size-gb", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "max_size_gb" in proc.stderr
+
+
+def test_an_l1_larger_than_shared_memory_is_refused_naming_the_fix():
+    with pytest.raises(SystemExit, match="--no-shm"):
+        check_shm_space(1e6)
+    check_shm_space(0.001)
