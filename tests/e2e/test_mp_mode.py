@@ -6,7 +6,8 @@ One story, in order (each step a new vLLM-CPU engine process, one module):
 1. a *stock* server (LMCache's documented flags, its default ``lmcache_driven``
    transfers) plus our L2 adapter: the CPU worker picks the server's
    shared-memory path instead of hanging; the second pass hits;
-2. vLLM restarted, same server: warm from the server's memory;
+2. vLLM restarted, same server: warm from the server's memory; a
+   ``kv_producer`` on that server never loads;
 3. the server restarted as ``vllm-kvplugin server`` (``auto``: the CPU worker
    moves KV itself, ``engine_driven``, through our device plugin) on the same
    directory: warm from our L2 adapter's files, which the stock server's own
@@ -75,6 +76,8 @@ def story(tmp_path_factory, tiny_model):
         out["stock"] = run_engine(spec | {"passes": 2, "kv_transfer_config": mp_connector(stock)}, work, "stock")
         out["vllm_restarted"] = run_engine(
             spec | {"passes": 1, "kv_transfer_config": mp_connector(stock)}, work, "vllm_restarted")
+        producer = mp_connector(stock) | {"kv_role": "kv_producer"}
+        out["producer"] = run_engine(spec | {"passes": 2, "kv_transfer_config": producer}, work, "producer")
         out["stock_log"] = stock.log_path.read_text()
     out["files"] = sorted(p.name for p in l2.rglob("*.kvchunk"))
     with ServerProcess(work, directio_path=l2) as ours:
@@ -114,6 +117,12 @@ def test_restarted_vllm_is_warm_from_the_server(story):
     run = story["vllm_restarted"]["passes"][0]
     assert run["cached"] == WHOLE_CHUNKS
     assert run["tokens"] == story["baseline"]["passes"][0]["tokens"]
+
+
+def test_a_producer_never_loads_even_what_the_server_holds(story):
+    passes = story["producer"]["passes"]
+    assert [p["cached"] for p in passes] == [[0, 0], [0, 0]]  # LMCache's MP connector alone would load
+    assert all(p["tokens"] == story["baseline"]["passes"][0]["tokens"] for p in passes)
 
 
 def test_restarted_server_is_warm_from_our_l2_files(story):

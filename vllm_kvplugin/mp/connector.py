@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 
 from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector, build_parallel_strategy_from_vllm_config
+from lmcache.integration.vllm.lmcache_mp_metadata import LMCacheMPRequestState
 from lmcache.integration.vllm.mp_server_launcher import is_mp_server_autostart_enabled
 from lmcache.logging import init_logger
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -39,6 +40,7 @@ from vllm_kvplugin.mp.server_probe import ENGINE_DRIVEN, ask, choose_transfer_mo
 from vllm_kvplugin.mp.settings import MP_PREFIX, check_mp_config, server_urls
 
 logger = init_logger(__name__)
+
 
 class LMCachePortableMPConnector(LMCacheMPConnector):
     """LMCache's MP connector with a fast server check, a fitting transfer mode, strict roles and our counters."""
@@ -77,7 +79,11 @@ class LMCachePortableMPConnector(LMCacheMPConnector):
         return self._urls[strategy.vllm_worker_id // (strategy.vllm_world_size // len(self._urls))]
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """Scheduler: LMCache's lookup; a ``kv_producer`` skips it (and never loads) but still stores."""
         if not self._loads:
+            # LMCache stores through the request's tracker; its bypass state means "no lookup,
+            # no load, computed locally" and becomes READY (storing) once vLLM allocates.
+            self._get_or_create_request_tracker(request).state = LMCacheMPRequestState.BYPASS_LMCACHE
             return 0, False
         return super().get_num_new_matched_tokens(request, num_computed_tokens)
 
