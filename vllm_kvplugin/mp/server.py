@@ -25,7 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import subprocess
 import sys
+import time
 
 ADAPTER_MODULE = "vllm_kvplugin.mp.l2_adapter"
 ADAPTER_CLASS = "DirectIOL2Adapter"
@@ -91,17 +94,11 @@ def run(args: argparse.Namespace) -> int:
     if args.shm and not args.print_command:
         check_shm_space(args.l1_size_gb)
     if args.print_command:
-        print(" ".join(_quoted(a) for a in argv))
+        print(shlex.join(argv))
         return 0
     env = dict(os.environ)
     env.setdefault("LMCACHE_TRACK_USAGE", "false")  # inference hosts are often offline
     os.execve(sys.executable, argv, env)  # the server replaces this process: signals reach it directly
-
-
-def _quoted(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 class ServerProcess:
@@ -131,9 +128,6 @@ class ServerProcess:
         self._proc = None
 
     def start(self, timeout_s: float = 60.0) -> "ServerProcess":
-        import subprocess
-        import time
-
         from vllm_kvplugin.mp.server_probe import ServerUnavailable, ask
 
         log = open(self.workdir / f"lmcache-server-{self.port}.log", "a")
@@ -155,8 +149,6 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM and wait (LMCache closes its L2 adapters: queued stores are written)."""
-        import subprocess
-
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
