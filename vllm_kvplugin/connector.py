@@ -13,7 +13,9 @@ LMCache engine it adopts carries the portable KV mover
 (:mod:`vllm_kvplugin.lmcache.engine`); a load that raises becomes a reported
 load error instead of a dead engine (:mod:`vllm_kvplugin.lmcache.load_guard`);
 stores can run behind the forward pass under vLLM's asynchronous save contract
-(:mod:`vllm_kvplugin.lmcache.async_save`); vLLM's producer/consumer roles are
+(:mod:`vllm_kvplugin.lmcache.async_save`); a prefill instance answers only
+once the KV it hands to a decode instance is readable
+(:mod:`vllm_kvplugin.lmcache.handoff`); vLLM's producer/consumer roles are
 honoured strictly; and the counters of :mod:`vllm_kvplugin.metrics` reach
 vLLM's stats.
 """
@@ -30,7 +32,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm_kvplugin.lmcache.async_save import BackgroundSaver
 from vllm_kvplugin.lmcache.engine import create_worker_engine
 from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
+from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+from vllm_kvplugin.lmcache.handoff import HandoffTracker, handoff_timeout_s, wait_for_tier_writes
 from vllm_kvplugin.lmcache.load_guard import ForwardContextForLoads, blocks_to_load
 from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
 from vllm_kvplugin.mp.settings import is_mp_config
@@ -84,6 +88,9 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
             self._saver = BackgroundSaver(self._save_step)
             logger.info("KV stores run on a background thread (kvplugin.save_mode=async)")
         self._save_thread = threading.local()  # worker: the step the save thread is storing
+        transfer = vllm_config.kv_transfer_config
+        self._handoffs = HandoffTracker(transfer.kv_role)  # engine core
+        self._handoff_timeout_s = handoff_timeout_s(transfer.kv_connector_extra_config or {})  # worker
         if role == KVConnectorRole.WORKER and self._adapter.lmcache_engine is not self._portable_engine:
             raise RuntimeError(
                 "LMCache did not adopt the portable engine: "
@@ -116,11 +123,23 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
             self._failed_loads |= failed
 
     def wait_for_save(self) -> None:
-        """Worker: LMCache's store, now or (async save mode) queued behind the forward pass."""
+        """Worker: LMCache's store, now or (async save mode) queued behind the forward pass.
+
+        A step that completes a prefill handed to a decode instance returns
+        only once its stores are written (:mod:`vllm_kvplugin.lmcache.handoff`).
+        """
+        metadata = self._get_connector_metadata()
+        handoff = getattr(metadata, "handoff", frozenset())
         if self._saver is None:
-            self._save_step(self._get_connector_metadata())
+            self._save_step(metadata)
         else:
-            self._saver.submit(self._get_connector_metadata())
+            self._saver.submit(metadata)
+            if handoff:
+                self._saver.drain()
+        if handoff:
+            manager = self._portable_engine.storage_manager
+            tiers = [b for b in manager.storage_backends.values() if isinstance(b, ChunkTier)]
+            wait_for_tier_writes(tiers, self._handoff_timeout_s, handoff)
 
     def _save_step(self, metadata) -> None:
         """Worker (forward or save thread): store one step; if it raises, the chunks stay uncached."""
@@ -135,12 +154,14 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
     # -- the step's metadata and the asynchronous save contract (async_save) --
 
     def build_connector_meta(self, scheduler_output) -> PortableConnectorMetadata:
-        """Engine core: LMCache's step metadata, plus which requests were kept and preempted."""
+        """Engine core: LMCache's step metadata, plus which requests were kept, preempted and handed off."""
         kept, self._kept = frozenset(self._kept), set()
+        lmcache_metadata = super().build_connector_meta(scheduler_output)
         return PortableConnectorMetadata.extend(
-            super().build_connector_meta(scheduler_output),
+            lmcache_metadata,
             kept=kept,
             preempted=frozenset(scheduler_output.preempted_req_ids or ()),
+            handoff=self._handoffs.steps_handoffs(lmcache_metadata.requests),
         )
 
     def bind_connector_metadata(self, connector_metadata: PortableConnectorMetadata) -> None:
@@ -159,11 +180,20 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         return saving if saving is not None else super()._get_connector_metadata()
 
     def request_finished(self, request, block_ids: list[int]):
-        """Engine core: with async saves, keep the blocks until the workers report the save done."""
+        """Engine core: with async saves, keep the blocks until the workers report the save done.
+
+        The reply's ``kv_transfer_params`` gain our hand-off report: the prompt
+        tokens a prefill instance stored for its decode instance, the tokens a
+        loading instance loaded.
+        """
+        tracker = self._adapter._request_trackers.get(request.request_id)  # gone at the next step
         delay_free, params = super().request_finished(request, block_ids)
         if self._async_save and block_ids:
             self._kept.add(request.request_id)
             delay_free = True
+        report = self._handoffs.finished(request, tracker.num_saved_tokens if tracker else None)
+        if report:
+            params = {**(params or {}), **report}
         return delay_free, params
 
     def get_finished(self, finished_req_ids: set[str]):
@@ -210,6 +240,7 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         """Scheduler: count one lookup per scheduled waiting request, and its hit."""
         super().update_state_after_alloc(request, blocks, num_external_tokens)
+        self._handoffs.admitted(request, num_external_tokens)
         self._kvplugin_stats.add(
             lookups=1, lookup_tokens=request.num_tokens, hit_tokens=num_external_tokens
         )

@@ -27,8 +27,11 @@ REFUSED = [
      "kvplugin.remote.timeout_s: bound on any one call to that server, s (default 1); "
      "kvplugin.remote.io_threads: its writer threads (default 2); "
      "kvplugin.save_mode: async (store behind the forward pass) or sync (inside it); "
-     "default async on CUDA/ROCm, sync on CPU and HPU"),
+     "default async on CUDA/ROCm, sync on CPU and HPU; "
+     "kvplugin.handoff_timeout_s: bound on how long a prefill step waits for its handed-off KV to be "
+     "written, s (default 30)"),
     ({"kvplugin.save_mode": "later"}, "kvplugin.save_mode must be one of sync, async, got 'later'"),
+    ({"kvplugin.handoff_timeout_s": "0"}, "kvplugin.handoff_timeout_s must be a positive number of seconds, got '0'"),
     ({"kvplugin.directio.path": ""}, "kvplugin.directio.path must name a directory, got ''"),
     ({"kvplugin.directio.path": 5}, "kvplugin.directio.path must name a directory, got 5"),
     # the remote tier's own keys (a bad URL is never echoed: it may carry a password)

@@ -73,6 +73,16 @@ def server_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
 
 
+def completion_reply(base_url: str, model: str, prompt: str, max_tokens: int = 8, timeout: float = 300) -> dict:
+    """POST one greedy, non-streamed ``/v1/completions`` to ``base_url`` (a server or a router); its JSON reply."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    req = urllib.request.Request(
+        base_url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.load(resp)
+
+
 class VllmServer:
     """A running ``vllm serve``; use as a context manager (stops the server on exit)."""
 
@@ -145,6 +155,10 @@ class VllmServer:
             details.get("cached_tokens") or 0, usage.get("completion_tokens", 0),
             (last - ttft) if ttft is not None else 0.0,
         )
+
+    def reply(self, prompt: str, max_tokens: int = 8) -> dict:
+        """A greedy completion, not streamed: the whole OpenAI reply (``usage``, ``kv_transfer_params``)."""
+        return completion_reply(self.base_url, self.model, prompt, max_tokens)
 
     def reset_prefix_cache(self, timeout: float = 30.0) -> None:
         """Drop vLLM's own prefix cache (needs ``VLLM_SERVER_DEV_MODE=1``); the connector's is kept.

@@ -28,7 +28,7 @@ import errno
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 from lmcache.logging import init_logger
@@ -170,6 +170,12 @@ class ChunkTier(StoragePluginInterface):
                 self._pending[name] = future
             futures.append(future)
         return futures
+
+    def wait_for_stores(self, timeout_s: float) -> bool:
+        """Block until every chunk submitted so far is written or given up; False if ``timeout_s`` passed first."""
+        with self._lock:
+            writes = list(self._pending.values())
+        return not wait(writes, timeout=timeout_s).not_done
 
     def _write(self, key, name: str, obj, on_complete) -> None:
         try:

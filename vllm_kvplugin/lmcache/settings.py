@@ -18,6 +18,7 @@ from lmcache.v1.config import _CONFIG_DEFINITIONS, LMCacheEngineConfig, load_eng
 from lmcache.v1.config_base import validate_and_set_config_value
 
 from vllm_kvplugin.lmcache.async_save import SAVE_MODES
+from vllm_kvplugin.lmcache.handoff import handoff_timeout_s
 
 _EXTRA_PREFIX = "lmcache."
 _BOOLEAN_WORDS = {"true", "false", "1", "0"}
@@ -32,6 +33,8 @@ _OUR_KEYS = {
     "kvplugin.remote.io_threads": "its writer threads (default 2)",
     "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
     "default async on CUDA/ROCm, sync on CPU and HPU",
+    "kvplugin.handoff_timeout_s": "bound on how long a prefill step waits for its handed-off KV to be "
+    "written, s (default 30)",
 }
 _SAVE_MODE_KEY = "kvplugin.save_mode"
 
@@ -79,6 +82,7 @@ def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int
     mode = extra.get(_SAVE_MODE_KEY)
     if mode is not None and mode not in SAVE_MODES:
         raise ValueError(f"{_SAVE_MODE_KEY} must be one of {', '.join(SAVE_MODES)}, got {mode!r}")
+    handoff_timeout_s(extra)
     check_supported(config, block_size)
     return config
 

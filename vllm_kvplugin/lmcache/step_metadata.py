@@ -27,10 +27,14 @@ class PortableConnectorMetadata(LMCacheConnectorMetadata):
         kept: finished requests whose blocks wait for this worker's save report
             (:mod:`vllm_kvplugin.lmcache.async_save`).
         preempted: requests preempted by this step's schedule.
+        handoff: requests whose prompt KV this step completes for another
+            instance: their stores must be readable before the step returns
+            (:mod:`vllm_kvplugin.lmcache.handoff`).
     """
 
     kept: frozenset[str] = field(default_factory=frozenset)
     preempted: frozenset[str] = field(default_factory=frozenset)
+    handoff: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def extend(cls, lmcache_metadata: LMCacheConnectorMetadata, **notes) -> PortableConnectorMetadata:
