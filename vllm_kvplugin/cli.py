@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft", "pd")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="serve a locally generated model with the connector; show KV reuse")
     demo.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
     demo.add_argument("--prompt-tokens", type=int, default=3000)
+    demo.add_argument("--pd", action="store_true",
+                      help="disaggregated prefill/decode: vllm-router in front of a producer and a consumer")
     bench = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
     bench.add_argument("which", nargs="*", choices=(*BENCHES, "all"), default=["all"])
     bench.add_argument("--out", type=Path, default=Path("artifacts/bench"))
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
+        if args.pd:
+            return run_pd_demo(args.workdir)
         from vllm_kvplugin.demo import main_job
 
         return main_job.run(args.workdir, args.prompt_tokens)
@@ -45,6 +49,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor.run(args.kv_transfer_config, args.block_size, args.json)
     return run_bench(set(BENCHES) if "all" in args.which else set(args.which), args)
+
+
+def run_pd_demo(workdir: Path) -> int:
+    """``demo --pd``: a small PD run beside a colocated server; non-zero unless every output matches and the
+    decode server loaded what the prefill server handed off."""
+    from vllm_kvplugin.bench import pd
+
+    print("[demo --pd] colocated vllm serve, then vllm-router + kv_producer + kv_consumer (a few minutes)")
+    results = pd.run(workdir / "pd", requests=8, in_flight=4, max_tokens=16, repeats=1,
+                     setups=("colocated", "ours"), progress=lambda m: print(f"[demo --pd] {m}", flush=True))
+    print("\n" + pd.pd_table(results))
+    base, split = results
+    same = all(a == b for a, b in zip(base.rounds[0].texts, split.rounds[0].texts))
+    ok = same and bool(split.decode_loaded_tokens)
+    print("\nvllm-router reports the prefill server's cached_tokens (0 for a kv_producer); the decode server's "
+          "hit is `kv_transfer_params.kvplugin.loaded_tokens` in each reply and its vllm:kvplugin_hit_tokens.")
+    if not ok:
+        print(f"FAILED: outputs equal: {same}, decode tokens loaded: {split.decode_loaded_tokens}; logs in {workdir / 'pd'}")
+    return 0 if ok else 1
 
 
 def run_bench(which: set[str], args) -> int:
@@ -97,6 +120,10 @@ def run_bench(which: set[str], args) -> int:
 
         sections.append(mp_serving.modes_table(mp_serving.run(args.out / "mp", args.lengths, args.repeats,
                                                               progress=progress)))
+    if "pd" in which:
+        from vllm_kvplugin.bench import pd
+
+        sections.append(pd.pd_table(pd.run(args.out / "pd", repeats=args.repeats, progress=progress)))
     text = "\n\n".join(sections) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)

@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from tests.e2e.engines import directio_connector, run_engine
+from tests.e2e.engines import directio_connector, run_engines
 
 pytestmark = pytest.mark.e2e
 
@@ -31,35 +31,33 @@ def prompts():
     return [[1] + [rng.randrange(3, 1024) for _ in range(n - 1)] for n in LENGTHS]
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_model):
-    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "max_model_len": 2048}
-    return run_engine(spec, tmp_path_factory.mktemp("baseline"), "baseline")["passes"][0]["tokens"]
-
-
-def damaged_run(tmp_path_factory, tiny_model, name: str, **connector) -> dict:
+def damaged_run(tmp_path_factory, tiny_model, name: str, **connector) -> tuple[dict, object, dict]:
+    """(spec, workdir, env) of an engine whose files are all damaged before its third pass."""
     directory = tmp_path_factory.mktemp(f"{name}-kv")
     config = directio_connector(directory, chunk=CHUNK, **connector)  # default kv_load_failure_policy
     assert "kv_load_failure_policy" not in config
     spec = {"model": tiny_model, "prompts": prompts(), "passes": 4, "max_model_len": 2048,
             "watch_dir": str(directory), "damage_before_passes": [2], "kv_transfer_config": config}
-    return run_engine(spec, tmp_path_factory.mktemp(name), name, **REPO_PATH_ENV)
+    return spec, tmp_path_factory.mktemp(name), REPO_PATH_ENV
 
 
 @pytest.fixture(scope="module")
-def vllm_runner(tmp_path_factory, tiny_model):
-    return damaged_run(tmp_path_factory, tiny_model, "portable")
-
-
-@pytest.fixture(scope="module")
-def gaudi_runner(tmp_path_factory, tiny_model):
-    return damaged_run(tmp_path_factory, tiny_model, "gaudi-like", kv_connector="GaudiRunnerCallsConnector",
-                       kv_connector_module_path="tests.e2e.gaudi_like_connector")
+def runs(tmp_path_factory, tiny_model):
+    """The three engines, two at a time: name -> future of its result."""
+    return run_engines({
+        "baseline": ({"model": tiny_model, "prompts": prompts(), "passes": 1, "max_model_len": 2048},
+                     tmp_path_factory.mktemp("baseline"), {}),
+        "vllm_runner": damaged_run(tmp_path_factory, tiny_model, "portable"),
+        "gaudi_runner": damaged_run(tmp_path_factory, tiny_model, "gaudi-like",
+                                    kv_connector="GaudiRunnerCallsConnector",
+                                    kv_connector_module_path="tests.e2e.gaudi_like_connector"),
+    })
 
 
 @pytest.mark.parametrize("engine", ["vllm_runner", "gaudi_runner"])
-def test_damaged_files_are_misses_never_failed_requests_or_wrong_tokens(request, baseline, engine):
-    out = request.getfixturevalue(engine)
+def test_damaged_files_are_misses_never_failed_requests_or_wrong_tokens(runs, engine):
+    baseline = runs["baseline"].result()["passes"][0]["tokens"]
+    out = runs[engine].result()
     cold, warm, damaged, again = out["passes"]
     full = [n // CHUNK * CHUNK for n in LENGTHS]
     for p in out["passes"]:

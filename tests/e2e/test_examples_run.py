@@ -1,9 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every ``examples/`` config started for real on vLLM-CPU: it loads, stores and hits.
+"""The ``examples/`` configs started for real on vLLM-CPU: each loads, stores and hits.
 
 Placeholders become a temporary directory and a real local Redis; sizes are
 scaled to this machine (the files ask for 20 GB of CPU tier and up to 2 TB of
-disk), nothing else is changed. Greedy tokens must equal the cold pass.
+disk), nothing else is changed. Greedy tokens must equal the cold pass. The
+engines are independent and run two at a time. ``consumer.json`` runs as the
+decode server of tests/e2e/test_pd_router.py (behind vllm-router, fed by a
+slowed producer); ``producer.json`` differs from it only in ``kv_role`` and is
+checked by ``doctor`` (tests/vllm/test_examples.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import random
 
 import pytest
 
-from tests.e2e.engines import run_engine
+from tests.e2e.engines import run_engines
 from tests.vllm.example_configs import PLACEHOLDER_LOCAL, PLACEHOLDER_REDIS, PLACEHOLDER_SHARED, load_example
 from vllm_kvplugin.bench.redis_server import RedisServer
 
@@ -33,35 +37,39 @@ def redis(tmp_path_factory):
         yield server
 
 
-@pytest.fixture
-def places(redis, tmp_path):
-    """Fresh directories per test, so no example sees another's chunks."""
-    (tmp_path / "nvme").mkdir()
-    (tmp_path / "shared").mkdir()
-    return {PLACEHOLDER_LOCAL: str(tmp_path / "nvme"), PLACEHOLDER_SHARED: str(tmp_path / "shared"),
-            PLACEHOLDER_REDIS: redis.url}
+def places(root) -> dict:
+    """Fresh directories per example, so no example sees another's chunks."""
+    (root / "nvme").mkdir()
+    (root / "shared").mkdir()
+    return {PLACEHOLDER_LOCAL: str(root / "nvme"), PLACEHOLDER_SHARED: str(root / "shared")}
 
 
-def start(name: str, places: dict, tmp_path_factory, tiny_model, passes: int = 2) -> dict:
-    kv = load_example(name, places)
+def scaled_example(name: str, substitutions: dict) -> dict:
+    """The example's ``--kv-transfer-config`` with placeholders filled in and sizes scaled to this machine."""
+    kv = load_example(name, substitutions)
     extra = kv["kv_connector_extra_config"]
     extra.update({k: v for k, v in SCALED.items() if k in extra})
-    spec = {"model": tiny_model, "prompts": [prompt()], "passes": passes, "pause_between_passes": 1.0,
-            "kv_transfer_config": kv}
-    return run_engine(spec, tmp_path_factory.mktemp(name.removesuffix(".json")), name)
+    return kv
 
 
-@pytest.mark.parametrize("name", ["cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json"])
-def test_example_serves_a_repeated_prompt_from_the_cache(name, places, tmp_path_factory, tiny_model):
-    first, second = start(name, places, tmp_path_factory, tiny_model)["passes"]
+EXAMPLES = ["cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json"]
+
+
+@pytest.fixture(scope="module")
+def runs(redis, tmp_path_factory, tiny_model):
+    jobs = {}
+    for name in EXAMPLES:
+        root = tmp_path_factory.mktemp(name.removesuffix(".json"))
+        kv = scaled_example(name, places(root) | {PLACEHOLDER_REDIS: redis.url})
+        spec = {"model": tiny_model, "prompts": [prompt()], "passes": 2, "pause_between_passes": 1.0,
+                "kv_transfer_config": kv}
+        jobs[name] = (spec, root, {})
+    return run_engines(jobs)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_serves_a_repeated_prompt_from_the_cache(name, runs):
+    first, second = runs[name].result()["passes"]
     assert first["cached"] == [0]
     assert second["cached"] == [LENGTH // 256 * 256]
     assert second["tokens"] == first["tokens"]
-
-
-def test_producer_and_consumer_examples_hand_over_through_the_shared_directory(places, tmp_path_factory, tiny_model):
-    producer = start("producer.json", places, tmp_path_factory, tiny_model)["passes"]
-    assert [p["cached"] for p in producer] == [[0], [0]]  # stores, never loads
-    (consumer,) = start("consumer.json", places, tmp_path_factory, tiny_model, passes=1)["passes"]
-    assert consumer["cached"] == [LENGTH // 256 * 256]
-    assert consumer["tokens"] == producer[0]["tokens"]

@@ -6,9 +6,12 @@ off), recording which chunk files each prompt wrote. The test then damages one
 prompt's files per kind of fault and starts fresh engines on the damaged
 directory: under either ``kv_load_failure_policy`` every token equals the
 cold run and every damaged file is detected at lookup and removed (a miss,
-never a load failure). A tier whose loads raise after the lookup is recomputed
-under ``"recompute"`` and fails its requests under an explicit ``"fail"``; an
-engine with another block size on the same directory gets no hits.
+never a load failure), while the intact prompt's files warm the fresh engine's
+first request (a restarted engine loads what its predecessor wrote). A tier
+whose loads raise after the lookup is recomputed under ``"recompute"`` and
+fails its requests under an explicit ``"fail"``; an engine with another block
+size on the same directory gets no hits. The engines after the cold one are
+independent and run two at a time (``run_engines``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import directio_connector, run_engine
+from tests.e2e.engines import directio_connector, run_engine, run_engines
 from vllm_kvplugin.storage.format import HEADER_SIZE
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +83,7 @@ def stored(tmp_path_factory, tiny_model):
             "kv_transfer_config": tier_config(directory)}
     out = run_engine(spec, tmp_path_factory.mktemp("cold"), "cold")
     assert out["passes"][0]["cached"] == [0] * len(LENGTHS)
+    assert "posix-odirect" in out["log"]  # the engine this machine's file system gets
     files = [[os.path.relpath(f, directory) for f in fs] for fs in out["passes"][0]["files"]]
     assert [len(f) for f in files] == [n // CHUNK for n in LENGTHS]
     return directory, out["passes"][0]["tokens"], files
@@ -91,32 +95,8 @@ def damaged_copy(stored, destination: Path) -> tuple[Path, list[Path]]:
     return destination, damage(destination, files)
 
 
-def test_recompute_policy_gives_the_cold_tokens_and_removes_every_damaged_file(stored, tmp_path_factory, tiny_model):
-    root, victims = damaged_copy(stored, tmp_path_factory.mktemp("recompute-store") / "kv")
-    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": tier_config(root)}
-    out = run_engine(spec, tmp_path_factory.mktemp("recompute"), "recompute")
-    assert out["passes"][0]["tokens"] == stored[1]
-    assert out["log"].count("discarding a bad chunk file") == len(victims) == 4  # detected: 4 of 4
-    cached = out["passes"][0]["cached"]
-    assert cached[-1] == LENGTHS[-1] // CHUNK * CHUNK  # the intact prompt hits in full
-    assert cached[DAMAGE.index("delete-all")] == 0
-    print("fault injection, recompute policy: cached tokens per prompt", dict(zip(DAMAGE, cached)))
-
-
-def test_fail_policy_damaged_files_are_misses_not_failures(stored, tmp_path_factory, tiny_model):
-    """Chunks are checked at lookup, before the scheduler counts them: a bad file is no load failure."""
-    root, victims = damaged_copy(stored, tmp_path_factory.mktemp("fail-store") / "kv")
-    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": tier_config(root, "fail")}
-    out = run_engine(spec, tmp_path_factory.mktemp("fail"), "fail")
-    finish, tokens = out["passes"][0]["finish"], out["passes"][0]["tokens"]
-    print("fault injection, fail policy: finish reasons", dict(zip(DAMAGE, finish)))
-    assert finish == ["length"] * len(LENGTHS) and tokens == stored[1]
-    assert out["log"].count("discarding a bad chunk file") == len(victims)
-
-
-def raising_tier_run(stored, workdir: Path, tiny_model, policy: str) -> dict:
-    """An engine on a tier whose every second load raises (tests/e2e/faulty_tier.py)."""
-    directory, _, _ = stored
+def raising_tier_config(directory: Path, workdir: Path) -> Path:
+    """LMCache YAML for a tier whose every second load raises (tests/e2e/faulty_tier.py) on ``directory``."""
     config = workdir / "lmcache.yaml"
     config.write_text(
         "chunk_size: 64\nlocal_cpu: false\nmax_local_cpu_size: 0.2\nstorage_plugins: [kvplugin_faulty]\n"
@@ -125,33 +105,75 @@ def raising_tier_run(stored, workdir: Path, tiny_model, policy: str) -> dict:
         "  storage_plugin.kvplugin_faulty.class_name: FailingLoadsTier\n"
         f"  kvplugin.directio.path: {directory}\n  kvplugin.directio.max_size_gb: 0.5\n"
     )
-    kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both", "kv_load_failure_policy": policy}
-    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": kv}
-    return run_engine(spec, workdir, f"raising-{policy}", LMCACHE_CONFIG_FILE=str(config), PYTHONPATH=str(REPO))
+    return config
 
 
-def test_explicit_fail_policy_still_fails_requests_whose_load_raised(stored, tmp_path_factory, tiny_model):
+@pytest.fixture(scope="module")
+def runs(stored, tmp_path_factory, tiny_model):
+    """Every engine after the cold one, two at a time: name -> future of its result.
+
+    Also: ``victims`` (damaged files per damaged copy) and ``before`` (the chunk
+    files of the intact directory before the block-size-64 engine stored its own).
+    All directories are prepared before any engine starts.
+    """
+    directory = stored[0]
+    one_pass = {"model": tiny_model, "prompts": prompts(), "passes": 1}
+    jobs, victims = {}, {}
+    for policy in ("recompute", "fail"):
+        root, victims[policy] = damaged_copy(stored, tmp_path_factory.mktemp(f"{policy}-store") / "kv")
+        jobs[policy] = (one_pass | {"kv_transfer_config": tier_config(root, policy)}, tmp_path_factory.mktemp(policy), {})
+    for policy in ("recompute", "fail"):  # the raising tier reads the intact directory
+        workdir = tmp_path_factory.mktemp(f"raising-{policy}")
+        kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both", "kv_load_failure_policy": policy}
+        env = {"LMCACHE_CONFIG_FILE": str(raising_tier_config(directory, workdir)), "PYTHONPATH": str(REPO)}
+        jobs[f"raising-{policy}"] = (one_pass | {"kv_transfer_config": kv}, workdir, env)
+    before = sorted(directory.rglob("*.kvchunk"))
+    jobs["bs64"] = (one_pass | {"block_size": 64, "kv_transfer_config": tier_config(directory)},
+                    tmp_path_factory.mktemp("bs64"), {})
+    return run_engines(jobs), victims, before
+
+
+def test_recompute_policy_gives_the_cold_tokens_and_removes_every_damaged_file(stored, runs):
+    futures, victims, _ = runs
+    out = futures["recompute"].result()
+    assert out["passes"][0]["tokens"] == stored[1]
+    assert out["log"].count("discarding a bad chunk file") == len(victims["recompute"]) == 4  # detected: 4 of 4
+    cached = out["passes"][0]["cached"]
+    assert cached[-1] == LENGTHS[-1] // CHUNK * CHUNK  # the intact prompt hits in full: warm from the files
+    assert cached[DAMAGE.index("delete-all")] == 0
+    print("fault injection, recompute policy: cached tokens per prompt", dict(zip(DAMAGE, cached)))
+
+
+def test_fail_policy_damaged_files_are_misses_not_failures(stored, runs):
+    """Chunks are checked at lookup, before the scheduler counts them: a bad file is no load failure."""
+    futures, victims, _ = runs
+    out = futures["fail"].result()
+    finish, tokens = out["passes"][0]["finish"], out["passes"][0]["tokens"]
+    print("fault injection, fail policy: finish reasons", dict(zip(DAMAGE, finish)))
+    assert finish == ["length"] * len(LENGTHS) and tokens == stored[1]
+    assert out["log"].count("discarding a bad chunk file") == len(victims["fail"])
+
+
+def test_explicit_fail_policy_still_fails_requests_whose_load_raised(stored, runs):
     """A load that raises after the promise is a load failure: under an explicit "fail", vLLM's meaning holds."""
-    out = raising_tier_run(stored, tmp_path_factory.mktemp("raising-fail"), tiny_model, "fail")
+    out = runs[0]["raising-fail"].result()
     finish, tokens = out["passes"][0]["finish"], out["passes"][0]["tokens"]
     assert "injected load failure" in out["log"] and "error" in finish
     assert all(t == want for t, want, f in zip(tokens, stored[1], finish) if f == "length")
 
 
-def test_loads_that_raise_are_recomputed(stored, tmp_path_factory, tiny_model):
+def test_loads_that_raise_are_recomputed(stored, runs):
     """Under "recompute", the same raising tier gives the cold tokens."""
-    out = raising_tier_run(stored, tmp_path_factory.mktemp("raising"), tiny_model, "recompute")
+    out = runs[0]["raising-recompute"].result()
     assert "injected load failure" in out["log"]
     assert out["passes"][0]["tokens"] == stored[1]
     print("fault injection, raising tier: cached tokens", out["passes"][0]["cached"])
 
 
-def test_another_block_size_on_the_same_directory_gets_no_hits(stored, tmp_path_factory, tiny_model):
-    directory, _, files = stored
-    before = sorted(p for p in directory.rglob("*.kvchunk"))
-    spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "block_size": 64,
-            "kv_transfer_config": tier_config(directory)}
-    out = run_engine(spec, tmp_path_factory.mktemp("bs64"), "bs64")
+def test_another_block_size_on_the_same_directory_gets_no_hits(stored, runs):
+    directory = stored[0]
+    futures, _, before = runs
+    out = futures["bs64"].result()
     assert out["passes"][0]["cached"] == [0] * len(LENGTHS)
     assert "discarding a bad chunk file" not in out["log"]
     assert set(before) < set(directory.rglob("*.kvchunk"))  # it stored chunks of its own beside them

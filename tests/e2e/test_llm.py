@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests.e2e.engines import run_engine
+from tests.e2e.engines import run_engines
 
 pytestmark = pytest.mark.e2e
 
@@ -36,17 +36,26 @@ def connector_config(**lmcache):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_model):
+def runs(tmp_path_factory, tiny_model):
+    """A baseline without a connector and our connector on LMCache's CPU tier, side by side."""
     sensitive = list(PROMPTS[0])
     sensitive[3] = 3 if sensitive[3] != 3 else 4  # one early token changed
-    spec = {"model": tiny_model, "prompts": PROMPTS + [sensitive], "passes": 1}
-    return run_engine(spec, tmp_path_factory.mktemp("baseline"), "baseline")
+    return run_engines({
+        "baseline": ({"model": tiny_model, "prompts": PROMPTS + [sensitive], "passes": 1},
+                     tmp_path_factory.mktemp("baseline"), {}),
+        "cpu-tier": ({"model": tiny_model, "prompts": PROMPTS, "passes": 2,
+                      "kv_transfer_config": connector_config(max_local_cpu_size=0.2)}, tmp_path_factory.mktemp("cpu"), {}),
+    })
 
 
 @pytest.fixture(scope="module")
-def cpu_tier(tmp_path_factory, tiny_model):
-    spec = {"model": tiny_model, "prompts": PROMPTS, "passes": 2, "kv_transfer_config": connector_config(max_local_cpu_size=0.2)}
-    return run_engine(spec, tmp_path_factory.mktemp("cpu"), "cpu-tier")
+def baseline(runs):
+    return runs["baseline"].result()
+
+
+@pytest.fixture(scope="module")
+def cpu_tier(runs):
+    return runs["cpu-tier"].result()
 
 
 def expected_hits(n: int) -> int:

@@ -4,8 +4,8 @@
 Real processes on loopback: ``vllm-router --vllm-pd-disaggregation`` in front of a
 ``kv_producer`` ``vllm serve`` (asynchronous saves, and a tier whose every chunk
 write is slowed on purpose to longer than a whole prefill: tests/e2e/slow_tier.py)
-and a ``kv_consumer`` ``vllm serve``; a third ``vllm serve`` without a connector
-gives the colocated answers. Prefix caching is off on every server, so the
+and a ``kv_consumer`` ``vllm serve`` started with ``examples/consumer.json``; a
+third ``vllm serve`` without a connector gives the colocated answers. Prefix caching is off on every server, so the
 decode server's hits can only come from the files the prefill server wrote.
 
 Without the hand-off wait (vllm_kvplugin/lmcache/handoff.py) the router would
@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import all_ready, directio_connector, engine_env
+from tests.e2e.engines import all_ready, engine_env
 from tests.e2e.slow_tier import STORE_DELAY_S
+from tests.e2e.test_examples_run import scaled_example
 from tests.e2e.test_metrics import scrape
+from tests.vllm.example_configs import PLACEHOLDER_SHARED
 from vllm_kvplugin.demo.model import random_prompt
 from vllm_kvplugin.demo.router import PDRouter
 from vllm_kvplugin.demo.server import VllmServer
@@ -32,7 +34,7 @@ from vllm_kvplugin.demo.server import VllmServer
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-CHUNK = 64
+CHUNK = 256  # examples/consumer.json's
 PREFIX_WORDS = (300, 520, 760)  # three shared prefixes
 REQUESTS = 32
 IN_FLIGHT = 8
@@ -90,8 +92,8 @@ def servers(shared, tmp_path_factory, tiny_model):
     producer_env = engine_env(LMCACHE_CONFIG_FILE=str(slow_producer_config(logs, shared)), PYTHONPATH=str(REPO))
     started = [
         VllmServer(tiny_model, producer_kv, logs / "producer.log", env=producer_env),
-        VllmServer(tiny_model, directio_connector(shared, "kv_consumer", chunk=CHUNK), logs / "consumer.log",
-                   env=engine_env()),
+        VllmServer(tiny_model, scaled_example("consumer.json", {PLACEHOLDER_SHARED: str(shared)}),
+                   logs / "consumer.log", env=engine_env()),
         VllmServer(tiny_model, None, logs / "colocated.log", env=engine_env()),
     ]
     with all_ready(started):

@@ -18,16 +18,11 @@ and in its ``vllm:kvplugin_hit_tokens`` counter.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from vllm_kvplugin.demo.server import completion_reply, free_port
+from vllm_kvplugin.demo.server import OpenAIChild, free_port
 
 
 def router_binary() -> str:
@@ -39,53 +34,16 @@ def router_binary() -> str:
     return found
 
 
-class PDRouter:
-    """A running ``vllm-router --vllm-pd-disaggregation``; ``stop()`` it (or use it as a context manager)."""
+class PDRouter(OpenAIChild):
+    """A running ``vllm-router --vllm-pd-disaggregation`` in front of one prefill and one decode server."""
 
-    def __init__(self, prefill_url: str, decode_url: str, model: str, log_path: Path):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.model = model
-        self._log = open(log_path, "w")
-        self.log_path = log_path
-        self._proc = subprocess.Popen(
-            [router_binary(), "--vllm-pd-disaggregation", "--prefill", prefill_url, "--decode", decode_url,
-             "--host", "127.0.0.1", "--port", str(self.port), "--policy", "round_robin",
-             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    name = "vllm-router"
+    ready_timeout_s = 60.0
+    stop_timeout_s = 10.0
 
-    def __enter__(self) -> PDRouter:
-        self.wait_ready()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"vllm-router exited with {self._proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"vllm-router not ready after {timeout}s")
-
-    def reply(self, prompt: str, max_tokens: int = 8) -> dict:
-        """One greedy, non-streamed completion through prefill then decode; the decode server's reply."""
-        return completion_reply(self.base_url, self.model, prompt, max_tokens)
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._log.close()
+    def __init__(self, prefill_url: str, decode_url: str, model: str, log_path: Path, kv_connector: str | None = None):
+        port = free_port()
+        command = [router_binary(), "--vllm-pd-disaggregation", "--prefill", prefill_url, "--decode", decode_url,
+                   "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+                   "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+        super().__init__(command + (["--kv-connector", kv_connector] if kv_connector else []), model, port, log_path)

@@ -73,6 +73,38 @@ def server_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
 
 
+def stream_completion(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> Completion:
+    """A greedy streamed ``/v1/completions`` to ``base_url`` (a server or a router); TTFT is the time to
+    the first streamed token."""
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        base_url + "/v1/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start, ttft, last, text, usage = time.perf_counter(), None, None, [], {}
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices", []):
+                if choice.get("text"):
+                    last = time.perf_counter() - start
+                    ttft = last if ttft is None else ttft
+                text.append(choice.get("text", ""))
+            usage = event.get("usage") or usage
+    details = usage.get("prompt_tokens_details") or {}
+    return Completion(
+        "".join(text), ttft or float("nan"), usage.get("prompt_tokens", 0),
+        details.get("cached_tokens") or 0, usage.get("completion_tokens", 0),
+        (last - ttft) if ttft is not None else 0.0,
+    )
+
+
 def completion_reply(base_url: str, model: str, prompt: str, max_tokens: int = 8, timeout: float = 300) -> dict:
     """POST one greedy, non-streamed ``/v1/completions`` to ``base_url`` (a server or a router); its JSON reply."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
@@ -83,82 +115,84 @@ def completion_reply(base_url: str, model: str, prompt: str, max_tokens: int = 8
         return json.load(resp)
 
 
-class VllmServer:
-    """A running ``vllm serve``; use as a context manager (stops the server on exit)."""
+class OpenAIChild:
+    """An OpenAI-compatible HTTP server run as a child process on loopback (``vllm serve``, ``vllm-router``).
 
-    def __init__(
-        self,
-        model: str,
-        kv_transfer_config: dict | None,
-        log_path: Path,
-        env: dict | None = None,
-        **command_options,
-    ):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+    Use as a context manager, or ``wait_ready()`` then ``stop()``; the child runs in
+    its own session, so stopping it takes its own children (engine core, workers) too.
+    """
+
+    name = "server"
+    ready_timeout_s = 300.0
+    stop_timeout_s = 30.0
+
+    def __init__(self, command: list[str], model: str, port: int, log_path: Path, env: dict | None = None):
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
         self.model = model
         self._log = open(log_path, "w")
         self.log_path = log_path
         self._proc = subprocess.Popen(
-            server_command(model, self.port, kv_transfer_config, **command_options),
-            env={**server_environ(), **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+            command, env={**server_environ(), **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def __enter__(self) -> VllmServer:
+    def __enter__(self):
         self.wait_ready()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
+        timeout = self.ready_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self._proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with {self._proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.3)
         self.stop()
-        raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
 
     def complete(self, prompt: str, max_tokens: int = 8) -> Completion:
         """A greedy streamed completion; TTFT is the time to the first streamed token."""
-        body = {
-            "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-        }
-        req = urllib.request.Request(
-            self.base_url + "/v1/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        start, ttft, last, text, usage = time.perf_counter(), None, None, [], {}
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                for choice in event.get("choices", []):
-                    if choice.get("text"):
-                        last = time.perf_counter() - start
-                        ttft = last if ttft is None else ttft
-                    text.append(choice.get("text", ""))
-                usage = event.get("usage") or usage
-        details = usage.get("prompt_tokens_details") or {}
-        return Completion(
-            "".join(text), ttft or float("nan"), usage.get("prompt_tokens", 0),
-            details.get("cached_tokens") or 0, usage.get("completion_tokens", 0),
-            (last - ttft) if ttft is not None else 0.0,
-        )
+        return stream_completion(self.base_url, self.model, prompt, max_tokens)
 
     def reply(self, prompt: str, max_tokens: int = 8) -> dict:
         """A greedy completion, not streamed: the whole OpenAI reply (``usage``, ``kv_transfer_params``)."""
         return completion_reply(self.base_url, self.model, prompt, max_tokens)
+
+    def log_tail(self, n: int = 4000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()[-n:]
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()  # vLLM shuts its engine core and workers down on SIGTERM
+            try:
+                self._proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)  # the whole session: no orphaned workers
+                self._proc.wait()
+        self._log.close()
+
+
+class VllmServer(OpenAIChild):
+    """A running ``vllm serve`` (vLLM's OpenAI server) on loopback."""
+
+    name = "vllm serve"
+
+    def __init__(self, model: str, kv_transfer_config: dict | None, log_path: Path, env: dict | None = None,
+                 **command_options):
+        port = free_port()
+        super().__init__(server_command(model, port, kv_transfer_config, **command_options), model, port, log_path,
+                         env)
 
     def reset_prefix_cache(self, timeout: float = 30.0) -> None:
         """Drop vLLM's own prefix cache (needs ``VLLM_SERVER_DEV_MODE=1``); the connector's is kept.
@@ -177,17 +211,3 @@ class VllmServer:
             if time.monotonic() > deadline:
                 raise RuntimeError("vLLM refused to reset its prefix cache")
             time.sleep(0.02)
-
-    def log_tail(self, n: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-n:]
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()  # vLLM shuts its engine core and workers down on SIGTERM
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)  # the whole session: no orphaned workers
-                self._proc.wait()
-        self._log.close()
