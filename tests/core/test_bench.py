@@ -76,9 +76,9 @@ def test_mp_ops_bench_times_both_device_ops_on_the_same_call():
 def test_pd_table_reports_ratios_to_colocated_and_output_equality():
     from vllm_kvplugin.bench.pd import Round, SetupResult, pd_table
 
-    colocated = SetupResult("colocated, no connector", [Round([0.1, 0.3], [0.01, 0.01], 2.0, 64, ["a", "b"])])
-    ours = SetupResult("PD, LMCachePortableConnector", [Round([0.2, 0.2], [0.02, 0.02], 4.0, 64, ["a", "x"])],
+    colocated = SetupResult("colocated, no connector", [Round([0.1, 0.3], [0.01, 0.01], 2.0, 64, ["a", "b", "c"])])
+    ours = SetupResult("PD, LMCachePortableConnector", [Round([0.2, 0.2], [0.02, 0.02], 4.0, 64, ["a", "x", None])],
                        decode_loaded_tokens=768)
     table = pd_table([colocated, ours])
-    assert "| colocated, no connector | 200 (200–200) | 10.0 (10.0–10.0) | 32.0 (32.0–32.0) | 1.00x (1.00–1.00) | 2/2 | — |" in table
-    assert "| PD, LMCachePortableConnector | 200 (200–200) | 20.0 (20.0–20.0) | 16.0 (16.0–16.0) | 0.50x (0.50–0.50) | 1/2 | 768 |" in table
+    assert "| colocated, no connector | 200 (200–200) | 10.0 (10.0–10.0) | 32.0 (32.0–32.0) | 1.00x (1.00–1.00) | 3/3 | 0 | — |" in table
+    assert "| PD, LMCachePortableConnector | 200 (200–200) | 20.0 (20.0–20.0) | 16.0 (16.0–16.0) | 0.50x (0.50–0.50) | 1/3 | 1 | 768 |" in table

@@ -54,7 +54,7 @@ class Round:
     itl_s: list[float]
     wall_s: float
     completion_tokens: int
-    texts: list[str]
+    texts: list[str | None]  # None: the request failed or timed out
 
 
 @dataclass
@@ -72,12 +72,20 @@ def workload(rng: random.Random, requests: int, prefix_tokens=(1000, 2000, 3000)
             for i in range(requests)]
 
 
-def _round(url: str, model: str, prompts: list[str], in_flight: int, max_tokens: int) -> Round:
+def _round(url: str, model: str, prompts: list[str], in_flight: int, max_tokens: int, timeout_s: float) -> Round:
+    """One round; a request that fails or outlives ``timeout_s`` counts as failed (text None), never hangs the run."""
+    def one(prompt: str) -> Completion | None:
+        try:
+            return stream_completion(url, model, prompt, max_tokens, timeout=timeout_s)
+        except OSError:  # URLError, HTTPError, socket timeouts
+            return None
+
     start = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
-        done: list[Completion] = list(pool.map(lambda p: stream_completion(url, model, p, max_tokens), prompts))
-    return Round([c.ttft_s for c in done], [c.inter_token_s for c in done], time.perf_counter() - start,
-                 sum(c.completion_tokens for c in done), [c.text for c in done])
+        done = list(pool.map(one, prompts))
+    ok: list[Completion] = [c for c in done if c is not None]
+    return Round([c.ttft_s for c in ok], [c.inter_token_s for c in ok], time.perf_counter() - start,
+                 sum(c.completion_tokens for c in ok), [None if c is None else c.text for c in done])
 
 
 def _hit_tokens(server: VllmServer) -> int:
@@ -94,9 +102,12 @@ def nixl_available() -> bool:
 
 
 def run(workdir: Path, requests: int = 24, in_flight: int = 8, max_tokens: int = 32, repeats: int = 3,
-        setups: tuple[str, ...] = ("colocated", "ours", "nixl"),
+        setups: tuple[str, ...] = ("colocated", "ours", "nixl"), request_timeout_s: float = 120.0,
         progress: Callable[[str], None] = lambda m: None) -> list[SetupResult]:
-    """Each setup in turn: start it, warm it up, ``repeats`` rounds of ``requests`` fresh prompts, stop it."""
+    """Each setup in turn: start it, warm it up, ``repeats`` rounds of ``requests`` fresh prompts, stop it.
+
+    The table so far goes to ``progress`` after each setup, so a setup that stalls loses only its own row.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     model = str(generate_model(workdir / "bench-model", BENCH_SHAPE))
     rounds_prompts = [workload(random.Random(100 + i), requests) for i in range(repeats)]
@@ -115,12 +126,12 @@ def run(workdir: Path, requests: int = 24, in_flight: int = 8, max_tokens: int =
             hits_before = _hit_tokens(consumer) if setup == "ours" else 0
             for prompts in rounds_prompts:
                 time.sleep(1.0)  # the previous round's OpenMP threads stop spinning
-                result.rounds.append(_round(url, model, prompts, in_flight, max_tokens))
+                result.rounds.append(_round(url, model, prompts, in_flight, max_tokens, request_timeout_s))
             if setup == "ours":
                 time.sleep(2.0)  # stats travel with engine steps
                 result.decode_loaded_tokens = _hit_tokens(consumer) - hits_before
-        progress(f"{result.name}: TTFT median {statistics.median(_all(result, 'ttft_s')) * 1000:.0f} ms")
         results.append(result)
+        progress("\n" + pd_table(results))
     return results
 
 
@@ -157,10 +168,6 @@ def _start(setup: str, model: str, workdir: Path, stack: ExitStack) -> tuple[str
     return router.base_url, servers[1]
 
 
-def _all(result: SetupResult, attr: str) -> list[float]:
-    return [v for r in result.rounds for v in getattr(r, attr)]
-
-
 def _spread(values: list[float], scale: float = 1000.0, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(statistics.median(values) * scale)} ({fmt.format(min(values) * scale)}–" \
            f"{fmt.format(max(values) * scale)})"
@@ -174,19 +181,20 @@ def pd_table(results: list[SetupResult]) -> str:
     base = next((r for r in results if r.name.startswith("colocated")), None)
     rows = []
     for r in results:
-        ttft = [statistics.median(x.ttft_s) for x in r.rounds]
-        itl = [statistics.median(x.itl_s) for x in r.rounds]
+        ttft = [statistics.median(x.ttft_s or [float("nan")]) for x in r.rounds]
+        itl = [statistics.median(x.itl_s or [float("nan")]) for x in r.rounds]
         tput = [x.completion_tokens / x.wall_s for x in r.rounds]
         vs = ""
         if base is not None:
             ratios = [t / b for t, b in zip(tput, (x.completion_tokens / x.wall_s for x in base.rounds))]
             vs = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})"
         equal = "—" if base is None else \
-            f"{sum(a == b for x, y in zip(r.rounds, base.rounds) for a, b in zip(x.texts, y.texts))}/" \
+            f"{sum(a is not None and a == b for x, y in zip(r.rounds, base.rounds) for a, b in zip(x.texts, y.texts))}/" \
             f"{sum(len(x.texts) for x in r.rounds)}"
+        failed = sum(t is None for x in r.rounds for t in x.texts)
         rows.append([r.name, _spread(ttft), _spread(itl, fmt="{:.1f}"), _spread(tput, 1.0, "{:.1f}"), vs, equal,
-                     "—" if r.decode_loaded_tokens is None else str(r.decode_loaded_tokens)])
+                     str(failed), "—" if r.decode_loaded_tokens is None else str(r.decode_loaded_tokens)])
     return ("**Disaggregated prefill/decode vs colocated, through `vllm-router`** (one run, same machine; "
             "median over rounds (min–max); TTFT/ITL in ms, throughput in output tokens/s)\n\n"
             + _table(["setup", "TTFT", "inter-token latency", "throughput", "throughput / colocated",
-                      "outputs equal colocated", "decode tokens loaded (ours)"], rows))
+                      "outputs equal colocated", "failed or timed out", "decode tokens loaded (ours)"], rows))

@@ -73,7 +73,7 @@ def server_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
 
 
-def stream_completion(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> Completion:
+def stream_completion(base_url: str, model: str, prompt: str, max_tokens: int = 8, timeout: float = 300) -> Completion:
     """A greedy streamed ``/v1/completions`` to ``base_url`` (a server or a router); TTFT is the time to
     the first streamed token."""
     body = {
@@ -85,7 +85,7 @@ def stream_completion(base_url: str, model: str, prompt: str, max_tokens: int = 
         headers={"Content-Type": "application/json"},
     )
     start, ttft, last, text, usage = time.perf_counter(), None, None, [], {}
-    with urllib.request.urlopen(req, timeout=300) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
