@@ -23,6 +23,7 @@ vLLM's stats.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch  # noqa: F401  - must precede lmcache (its native lib dlopens libc10)
 from lmcache.integration.vllm.lmcache_connector_v1 import LMCacheConnectorV1Dynamic
@@ -30,12 +31,12 @@ from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from vllm_kvplugin.lmcache.async_save import BackgroundSaver
-from vllm_kvplugin.lmcache.engine import create_worker_engine
-from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
+from vllm_kvplugin.lmcache.engine import create_worker_engine
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 from vllm_kvplugin.lmcache.handoff import HandoffTracker, handoff_timeout_s, wait_for_tier_writes
 from vllm_kvplugin.lmcache.load_guard import ForwardContextForLoads, blocks_to_load
+from vllm_kvplugin.lmcache.settings import prepare_config, save_mode
 from vllm_kvplugin.lmcache.step_metadata import PortableConnectorMetadata
 from vllm_kvplugin.mp.settings import is_mp_config
 from vllm_kvplugin.metrics import KVPluginPromMetrics, KVPluginStats, WorkerStatsSampler
@@ -130,16 +131,17 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         """
         metadata = self._get_connector_metadata()
         handoff = getattr(metadata, "handoff", frozenset())
+        deadline = time.monotonic() + self._handoff_timeout_s
         if self._saver is None:
             self._save_step(metadata)
         else:
             self._saver.submit(metadata)
             if handoff:
-                self._saver.drain()
+                self._saver.drain(self._handoff_timeout_s)  # a late store is waited for no longer than a late write
         if handoff:
             manager = self._portable_engine.storage_manager
             tiers = [b for b in manager.storage_backends.values() if isinstance(b, ChunkTier)]
-            wait_for_tier_writes(tiers, self._handoff_timeout_s, handoff)
+            wait_for_tier_writes(tiers, max(0.0, deadline - time.monotonic()), handoff)
 
     def _save_step(self, metadata) -> None:
         """Worker (forward or save thread): store one step; if it raises, the chunks stay uncached."""

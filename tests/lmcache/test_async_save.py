@@ -135,6 +135,17 @@ def test_steps_are_stored_in_order_on_one_thread(saves):
     assert gated.finished == [("a",), ("b",), ("c",)]
 
 
+def test_a_bounded_drain_gives_up_on_a_stuck_save_and_a_later_one_sees_it_done(saves):
+    """The PD hand-off waits for queued stores no longer than its bound (vllm_kvplugin.lmcache.handoff)."""
+    gated, saver = saves
+    saver.submit(step("stuck"))
+    began = time.monotonic()
+    assert saver.drain(0.1) is False
+    assert time.monotonic() - began < 1.0
+    gated.open(0)
+    assert saver.drain(5.0) is True
+
+
 def test_close_completes_queued_saves_so_no_stored_kv_is_lost():
     done = []
     saver = BackgroundSaver(lambda m: (time.sleep(0.05), done.append(m.requests[0].req_id)))

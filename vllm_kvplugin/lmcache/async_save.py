@@ -82,11 +82,11 @@ class BackgroundSaver:
         with self._lock:
             return len(self._last_job.keys() | self._unreported)
 
-    def drain(self) -> None:
-        """Block until every queued save is done."""
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Block until every queued save is done (or ``timeout_s`` passed: then False)."""
         with self._lock:
             jobs = list(self._last_job.values())
-        wait(jobs)
+        return not wait(jobs, timeout=timeout_s).not_done
 
     def close(self) -> None:
         """Finish queued saves (so that no stored KV is lost at shutdown) and stop the thread."""
