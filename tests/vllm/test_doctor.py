@@ -196,3 +196,28 @@ def test_screen_prints_messages_verbatim_not_as_rich_markup():
     found = Findings()
     found.add("direct-I/O tier", "ok", "pip install --pre 'vllm-kvplugin[rocm]'")
     assert "'vllm-kvplugin[rocm]'" in render(found, as_json=False)
+
+
+@pytest.mark.parametrize("role, extra, level, says", [
+    ("kv_producer", {"kvplugin.directio.path": "/shared/kv"}, "ok", "waits until its KV is written to kvplugin_directio (at most 30.0 s"),
+    ("kv_producer", {"kvplugin.directio.path": "/shared/kv", "kvplugin.handoff_timeout_s": 5}, "ok", "(at most 5 s"),
+    ("kv_consumer", {"kvplugin.remote.url": "redis://127.0.0.1:6379"}, "ok", "loaded_tokens"),
+    ("kv_producer", {}, "warn", "kv_producer without a shared tier"),
+    ("kv_consumer", {"lmcache.max_local_cpu_size": 1}, "warn", "kv_consumer without a shared tier"),
+    ("kv_both", {}, None, None),
+])
+def test_pd_roles_say_what_the_hand_off_does_and_warn_without_a_shared_tier(role, extra, level, says):
+    """In process: the config check alone (the CLI runs it too)."""
+    import json
+
+    from vllm_kvplugin.doctor import Findings
+    from vllm_kvplugin.doctor.config import check_config
+
+    found = Findings()
+    check_config(found, json.dumps({"kv_connector": "LMCachePortableConnector", "kv_role": role,
+                                    "kv_connector_extra_config": extra}), 32, "cpu")
+    pd = [f for f in found if f.check == "pd"]
+    if level is None:
+        assert pd == []
+    else:
+        assert [(f.level, says in f.message) for f in pd] == [(level, True)], pd

@@ -55,6 +55,7 @@ def check_config(found, kv_transfer_config: str | None, block_size: int, device:
     else:
         found.add("config", "ok", f"accepted by the connector's startup checks: chunk_size {config.chunk_size}, "
                   f"block_size {block_size}, stores {resolve_save_mode(ktc.kv_role, extra, device)}")
+    check_disaggregation(found, ktc.kv_role, config, extra)
     unknown = sorted(k for k in extra if k.startswith("lmcache.") and not hasattr(config, k[len("lmcache."):]))
     if unknown:
         found.add("config", "warn", f"LMCache ignores unknown key(s) {unknown}")
@@ -73,3 +74,23 @@ def check_hash(found, config, env, plugin_defaults: dict[str, str]) -> None:
     found.add("hash", "ok", f"pre_caching_hash_algorithm={algorithm}"
               + (f" with PYTHONHASHSEED={seed}" if algorithm == "builtin" else "")
               + (" (vllm-kvplugin's default, set by its platform entry)" if by_plugin else ""))
+
+
+def check_disaggregation(found, kv_role: str, config, extra: dict) -> None:
+    """A prefill (``kv_producer``) or decode (``kv_consumer``) instance: what the hand-off does, and whether
+    the other side can reach its KV at all (LMCache's CPU tier is this process's memory)."""
+    from vllm_kvplugin.lmcache.handoff import DEFAULT_TIMEOUT_S, TIMEOUT_KEY
+
+    if kv_role not in ("kv_producer", "kv_consumer"):
+        return
+    if not config.storage_plugins:
+        found.add("pd", "warn", f"{kv_role} without a shared tier: only LMCache's CPU tier, which no other "
+                  "instance can read; set kvplugin.directio.path (a shared directory) or kvplugin.remote.url")
+        return
+    if kv_role == "kv_producer":
+        found.add("pd", "ok", "kv_producer: stores, never loads; each prefill reply waits until its KV is written "
+                  f"to {', '.join(config.storage_plugins)} (at most {extra.get(TIMEOUT_KEY, DEFAULT_TIMEOUT_S)} s, "
+                  f"{TIMEOUT_KEY}) and reports kv_transfer_params.kvplugin.handed_off_tokens")
+    else:
+        found.add("pd", "ok", "kv_consumer: loads, never stores; replies report kv_transfer_params.kvplugin."
+                  "loaded_tokens (vllm-router's usage.cached_tokens shows the prefill server's 0 instead)")
