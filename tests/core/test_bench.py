@@ -55,11 +55,17 @@ def test_serving_report_and_plot(tmp_path):
 def test_directio_bench_compares_with_dd_on_real_files(tmp_path):
     from vllm_kvplugin.bench import directio
 
-    result = directio.run(tmp_path, chunk_mib=1, chunks=2, rounds=1, progress=lambda msg: None)
-    assert result.engine == "posix-odirect"
-    assert min(result.write_gbps, result.read_gbps, result.dd_write_gbps, result.dd_read_gbps) > 0
+    result = directio.run(tmp_path, chunk_mib=1, chunks=2, rounds=2, progress=lambda msg: None)
+    engines = [e.engine for e in result.engines]
+    assert engines[0] == "posix-odirect"
+    assert "nixl-posix" in engines or "nixl-posix" in result.skipped  # measured beside dd, or why not
+    assert len(result.dd_write_gbps) == len(result.dd_read_gbps) == 2
+    for e in result.engines:
+        assert len(e.write_gbps) == len(e.read_ratio) == 2 and min(e.write_gbps + e.read_gbps) > 0
+        assert e.write_ratio == [w / d for w, d in zip(e.write_gbps, result.dd_write_gbps)]
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # cleans up after itself
-    assert "| write |" in report.directio_table(result)
+    table = report.directio_table(result)
+    assert "| posix-odirect | write |" in table and "x (" in table
 
 
 def test_mp_ops_bench_times_both_device_ops_on_the_same_call():

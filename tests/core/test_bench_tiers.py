@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``vllm-kvplugin bench tiers`` round-trips KV bit-exactly through every tier and the peer, on real redis-servers.
+"""``vllm-kvplugin bench tiers`` round-trips KV bit-exactly through every tier and the peer, on real servers.
 
 No timing is asserted (these machines are noisy); exactness, what each tier
 holds, and that nothing is left behind are.
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_every_tier_round_trips_bit_exact_with_nonzero_throughput(tmp_path):
     results = tiers.run(tmp_path, tokens=512, rounds=2, progress=lambda msg: None)
-    assert [r.tier for r in results] == ["cpu", "directio", "redis", "lmcache-redis"]
+    assert [r.tier for r in results] == ["cpu", "directio", "directio-nixl", "redis", "s3", "lmcache-redis"]
     for r in results:
         assert r.bit_exact, r
         assert r.store_gbps > 0 and r.load_gbps > 0, r
@@ -27,12 +27,16 @@ def test_every_tier_round_trips_bit_exact_with_nonzero_throughput(tmp_path):
     kv = 2 * 4 * 2 * 64 * 2  # the small shape, bf16: 2 KiB per token
     assert held["cpu"] == kv
     assert kv < held["directio"] < 1.1 * kv  # one 4 KiB header per 256-token chunk
+    assert held["directio-nixl"] == held["directio"]  # the same files through another engine
+    notes = {r.tier: r.note for r in results}
+    assert notes["directio"].startswith("posix-odirect") and notes["directio-nixl"].startswith("nixl-posix")
     assert held["redis"] >= kv and held["lmcache-redis"] >= kv  # values plus keys and allocator rounding
+    assert held["s3"] == held["directio"]  # the same header + payload per chunk, as objects
     assert not list(tmp_path.rglob("*.kvchunk"))  # the direct-I/O tier's files are removed
     table = tiers.tiers_table(results)
-    assert "| cpu | small | 512 | 1 |" in table and "| redis | small |" in table
+    assert "| cpu | small | 512 | 1 |" in table and "| redis | small |" in table and "| s3 | small |" in table
 
 
 def test_unknown_tier_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tier"):
-        tiers.run(tmp_path, tokens=256, tiers=("s3",), progress=lambda msg: None)
+        tiers.run(tmp_path, tokens=256, tiers=("tape",), progress=lambda msg: None)

@@ -34,8 +34,8 @@ def mover_engines():
 
 @pytest.fixture
 def engines():
-    """``engines(directory, local_cpu=False, max_size_gb=0.5)``: an LMCacheEngine whose only tier is the
-    direct-I/O one in ``directory``; all are destroyed after the test."""
+    """``engines(directory, local_cpu=False, max_size_gb=0.5, io_engine=None)``: an LMCacheEngine whose only
+    tier is the direct-I/O one in ``directory``; all are destroyed after the test."""
     made = []
 
     def make(*args, **kwargs):

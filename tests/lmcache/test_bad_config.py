@@ -23,8 +23,13 @@ REFUSED = [
      "kvplugin.directio.path: directory of the direct-I/O tier (enables it); "
      "kvplugin.directio.max_size_gb: size budget of that directory, GB (default 10); "
      "kvplugin.directio.io_threads: writer threads (default 2); "
-     "kvplugin.remote.url: redis://[user:password@]host:port[/db] of the shared remote tier (enables it); "
-     "kvplugin.remote.timeout_s: bound on any one call to that server, s (default 1); "
+     "kvplugin.directio.engine: I/O engine of its files: auto (default: hipFile for chunks on device, else "
+     "O_DIRECT), posix, nixl or hipfile; one that cannot run falls back to O_DIRECT, logged; "
+     "kvplugin.remote.url: redis://[user:password@]host:port[/db] or s3://bucket[/prefix] of the shared "
+     "remote tier (enables it); "
+     "kvplugin.remote.endpoint_url: the S3 endpoint, http(s)://host:port, of a store other than AWS "
+     "(credentials and region from boto3's environment: AWS_ACCESS_KEY_ID, ...); "
+     "kvplugin.remote.timeout_s: bound on any one call to that server, s (default 1; 5 for s3://); "
      "kvplugin.remote.io_threads: its writer threads (default 2); "
      "kvplugin.save_mode: async (store behind the forward pass) or sync (inside it); "
      "default async on CUDA/ROCm, sync on CPU and HPU; "
@@ -35,7 +40,21 @@ REFUSED = [
     ({"kvplugin.directio.path": ""}, "kvplugin.directio.path must name a directory, got ''"),
     ({"kvplugin.directio.path": 5}, "kvplugin.directio.path must name a directory, got 5"),
     # the remote tier's own keys (a bad URL is never echoed: it may carry a password)
-    ({"kvplugin.remote.url": "http://u:pw@h:1"}, "kvplugin.remote.url must be a redis://, rediss://, unix:// URL"),
+    ({"kvplugin.remote.url": "http://u:pw@h:1"},
+     "kvplugin.remote.url must be a redis://, rediss://, unix://, s3:// URL"),
+    ({"kvplugin.remote.url": "s3://AKIA:s3cret@bucket"},
+     "kvplugin.remote.url must not carry S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
+     "environment (or any source boto3 reads)"),
+    ({"kvplugin.remote.url": "s3://h:9000/bucket"},
+     "kvplugin.remote.url must be s3://<bucket>[/<prefix>] (the endpoint goes in kvplugin.remote.endpoint_url)"),
+    ({"kvplugin.remote.url": "s3:///prefix"},
+     "kvplugin.remote.url must be s3://<bucket>[/<prefix>] (the endpoint goes in kvplugin.remote.endpoint_url)"),
+    ({"kvplugin.remote.url": "s3://bucket", "kvplugin.remote.endpoint_url": "s3.example:9000"},
+     "kvplugin.remote.endpoint_url must be an http:// or https:// URL without credentials"),
+    ({"kvplugin.remote.url": "s3://bucket", "kvplugin.remote.endpoint_url": "http://ak:sk@s3.example:9000"},
+     "kvplugin.remote.endpoint_url must be an http:// or https:// URL without credentials"),
+    ({"kvplugin.remote.url": "redis://h:1", "kvplugin.remote.endpoint_url": "http://s3.example:9000"},
+     "kvplugin.remote.endpoint_url is for an s3:// kvplugin.remote.url only"),
     ({"kvplugin.remote.url": "redis://h:1", "kvplugin.remote.timeout_s": 0},
      "kvplugin.remote.timeout_s must be a positive number, got 0"),
     ({"kvplugin.directio.max_size_gb": 1}, "kvplugin.directio.path must name a directory, got None"),
@@ -51,6 +70,8 @@ REFUSED = [
     ({**TIER, "kvplugin.directio.io_threads": 2.5}, "kvplugin.directio.io_threads must be a positive integer, got 2.5"),
     ({**TIER, "kvplugin.directio.io_threads": "two"},
      "kvplugin.directio.io_threads must be a positive integer, got 'two'"),
+    ({**TIER, "kvplugin.directio.engine": "gds"},
+     "kvplugin.directio.engine must be one of auto, posix, nixl, hipfile, got 'gds'"),
     # LMCache keys LMCache itself would only log
     ({"lmcache.chunk_size": "x"}, "lmcache.chunk_size='x' is not a valid int for LMCache"),
     ({"lmcache.max_local_cpu_size": "lots"}, "lmcache.max_local_cpu_size='lots' is not a valid float for LMCache"),

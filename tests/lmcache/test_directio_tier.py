@@ -11,13 +11,31 @@ from tier_helpers import (
     CHUNK, DST_TABLE, HEAD, HEADS, LAYERS, SRC_TABLE, TOKENS, assert_loaded, backend, chunk_files, kv, settle, slots,
 )
 
+from vllm_kvplugin.lmcache.settings import check_extra_config
 from vllm_kvplugin.storage.io import PosixIO
+from vllm_kvplugin.storage.nixl_io import NixlUnavailable, load_api
+from vllm_kvplugin.storage.settings import ENGINE_KEY, PATH_KEY
 
 
+def _nixl_missing() -> str:
+    try:
+        load_api()
+    except NixlUnavailable as e:
+        return str(e)
+    return ""
+
+
+# kvplugin.directio.engine: unset (auto: O_DIRECT POSIX here), or nixl (NIXL's POSIX backend)
+IO_ENGINES = [pytest.param(None, "posix-odirect", id="auto"),
+              pytest.param("nixl", "nixl-posix", id="nixl",
+                           marks=pytest.mark.skipif(bool(_nixl_missing()), reason=_nixl_missing()))]
+
+
+@pytest.mark.parametrize("io_engine, io_name", IO_ENGINES)
 @pytest.mark.parametrize("local_cpu", [False, True], ids=["tier-alone", "behind-cpu-tier"])
-def test_round_trip_through_lmcache_is_bit_exact(engines, tmp_path, local_cpu):
-    engine = engines(tmp_path, local_cpu=local_cpu)
-    assert backend(engine).io.direct  # O_DIRECT on this filesystem
+def test_round_trip_through_lmcache_is_bit_exact(engines, tmp_path, local_cpu, io_engine, io_name):
+    engine = engines(tmp_path, local_cpu=local_cpu, io_engine=io_engine)
+    assert backend(engine).io.direct and backend(engine).io.name == io_name  # O_DIRECT on this filesystem
     src = kv(seed=1)
     engine.store(TOKENS, kvcaches=src, slot_mapping=slots(SRC_TABLE, 100))
     assert settle(engine, TOKENS, 96) == 96
@@ -40,9 +58,11 @@ def test_a_restarted_engine_is_warm_from_the_directory(engines, tmp_path):
     assert_loaded(src, dst)
 
 
+@pytest.mark.parametrize("io_engine, io_name", IO_ENGINES)
 @pytest.mark.parametrize("damage", ["flip-payload", "truncate", "flip-header"])
-def test_a_bad_file_is_a_miss_and_is_removed(engines, tmp_path, damage):
-    engine = engines(tmp_path)
+def test_a_bad_file_is_a_miss_and_is_removed(engines, tmp_path, damage, io_engine, io_name):
+    engine = engines(tmp_path, io_engine=io_engine)
+    assert backend(engine).io.name == io_name
     engine.store(TOKENS, kvcaches=kv(seed=3), slot_mapping=slots(SRC_TABLE, 100))
     settle(engine, TOKENS, 96)
     files = chunk_files(tmp_path)
@@ -87,3 +107,11 @@ def test_eviction_keeps_the_directory_under_its_budget(engines, tmp_path):
     sizes = [f.stat().st_size for f in chunk_files(tmp_path)]
     assert sum(sizes) <= 4 * per_file and len(sizes) == 4
     assert backend(engine).directory.evictions == 8
+
+
+def test_the_engine_key_flows_from_the_connector_config_into_lmcache_and_is_validated(tmp_path):
+    config = check_extra_config({PATH_KEY: str(tmp_path), ENGINE_KEY: "nixl"}, 32)
+    assert config.extra_config[ENGINE_KEY] == "nixl"
+    assert ENGINE_KEY not in check_extra_config({PATH_KEY: str(tmp_path)}, 32).extra_config  # auto: as before
+    with pytest.raises(ValueError, match=r"kvplugin\.directio\.engine must be one of"):
+        check_extra_config({PATH_KEY: str(tmp_path), ENGINE_KEY: "spdk"}, 32)

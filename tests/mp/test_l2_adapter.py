@@ -145,6 +145,22 @@ def test_a_full_disk_is_a_failed_store_not_an_exception(tmp_path):
     assert adapter.directory.used_bytes == 0
 
 
+def test_the_nixl_engine_serves_the_same_files(tmp_path):
+    pytest.importorskip("nixl", reason="nixl is not installed (pip install 'vllm-kvplugin[nixl]')")
+    shape, payload = (4, 64, 32), torch.randn(4 * 64 * 32).to(torch.bfloat16)
+    first = new_adapter(tmp_path, engine="nixl")
+    assert first.io.name == "nixl-posix"
+    assert store(first, keys(1), [memory_obj(shape, fill=payload)]).is_successful()
+    first.close()
+    for engine in ("posix", "nixl"):  # the files are the same format whichever engine wrote them
+        again = new_adapter(tmp_path, engine=engine)
+        target = memory_obj(shape)
+        assert lookup(again, keys(1)) == [True] and load(again, keys(1), [target]) == [True]
+        assert torch.equal(target.raw_data.view(torch.bfloat16), payload.view(-1))
+        again.submit_unlock(keys(1))
+        again.close()
+
+
 def test_bad_adapter_params_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="max_size_gb"):
         DirectIOL2AdapterConfig.from_dict({"path": str(tmp_path), "max_size_gb": -1})
@@ -152,6 +168,8 @@ def test_bad_adapter_params_name_the_key(tmp_path):
         DirectIOL2AdapterConfig.from_dict({"path": str(tmp_path), "base_path": "x"})
     with pytest.raises(ValueError, match="path"):
         DirectIOL2AdapterConfig.from_dict({})
+    with pytest.raises(ValueError, match=r"kvplugin\.directio\.engine must be one of"):
+        DirectIOL2AdapterConfig.from_dict({"path": str(tmp_path), "engine": "gds"})
 
 
 def test_lmcache_loads_it_as_a_plugin_adapter(tmp_path):

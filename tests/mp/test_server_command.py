@@ -42,6 +42,11 @@ def test_directio_path_adds_our_l2_adapter_and_extra_flags_pass_through(tmp_path
     assert argv[-2:] == ["--max-workers", "2"]
 
 
+def test_the_directio_engine_is_passed_to_the_adapter_only_when_set(tmp_path):
+    argv = command("--directio-path", str(tmp_path), "--directio-engine", "nixl")
+    assert json.loads(flag(argv, "--l2-adapter"))["adapter_params"]["engine"] == "nixl"
+
+
 def test_bad_tier_values_fail_before_a_server_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vllm_kvplugin.cli", "server", "--print-command",
                            "--directio-path", str(tmp_path), "--directio-max-size-gb", "-1"],

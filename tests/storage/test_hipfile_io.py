@@ -234,3 +234,17 @@ def test_chunks_in_host_memory_keep_o_direct_even_where_hipfile_runs(tmp_path, p
     engine, choice = select_io(str(tmp_path), chunks_on_device=False)
     assert isinstance(engine, PosixIO) and engine.direct and "staged in host memory" in choice.reason
     assert pretend_rocm.opened == 0 and pretend_rocm.registered == {}  # the probed driver was released
+
+
+def test_hipfile_asked_for_is_used_even_for_host_chunks(tmp_path, pretend_rocm):
+    if filesystem_magic(str(tmp_path)) not in (0xEF53, 0x58465342):
+        pytest.skip("tmp_path is not on ext4 or xfs")
+    engine, choice = select_io(str(tmp_path), chunks_on_device=False, engine="hipfile")
+    assert isinstance(engine, HipFileIO) and "kvplugin.directio.engine=hipfile: host chunks staged" in choice.reason
+    engine.close()
+
+
+def test_hipfile_asked_for_without_the_bindings_falls_back_to_o_direct(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hipfile", None)
+    engine, choice = select_io(str(tmp_path), chunks_on_device=False, engine="hipfile")
+    assert engine.name == "posix-odirect" and choice.reason.startswith("hipFile unavailable: the hipfile bindings")

@@ -14,7 +14,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PLACEHOLDER_LOCAL = "/var/cache/kvplugin"
 PLACEHOLDER_SHARED = "/mnt/kvshare/kvplugin"
 PLACEHOLDER_REDIS = "redis://redis.kvcache.svc:6379"
-PLACEHOLDERS = (PLACEHOLDER_LOCAL, PLACEHOLDER_SHARED, PLACEHOLDER_REDIS)
+PLACEHOLDER_S3_ENDPOINT = "http://s3.kvcache.svc:8333"
+PLACEHOLDERS = (PLACEHOLDER_LOCAL, PLACEHOLDER_SHARED, PLACEHOLDER_REDIS, PLACEHOLDER_S3_ENDPOINT)
 
 
 def example_names() -> list[str]:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.demo.server import free_port
 from vllm_kvplugin.storage.redis_store import redacted
 
@@ -158,6 +159,22 @@ def test_password_in_the_environment_is_probed_without_a_warning(tmp_path, redis
     assert SECRET not in json.dumps(findings) and SECRET not in stderr
 
 
+@pytest.mark.parametrize("credentials", ["right", "wrong"])
+def test_s3_bucket_is_probed_and_no_secret_is_shown(tmp_path, credentials):
+    with SeaweedS3(tmp_path / "s3") as s3:
+        env = s3.env if credentials == "right" else {**s3.env, "AWS_SECRET_ACCESS_KEY": SECRET}
+        extra = {"kvplugin.remote.url": s3.url, "kvplugin.remote.endpoint_url": s3.endpoint_url}
+        rc, findings, stderr = doctor(tmp_path, extra, env=env)
+    text = json.dumps(findings) + stderr
+    assert s3.secret_key not in text and SECRET not in text
+    if credentials == "right":
+        assert rc == 0 and levels(findings, "remote tier") == ["ok"]
+        assert "the bucket answered" in message(findings, "remote tier")
+    else:
+        assert rc == 1 and levels(findings, "remote tier") == ["fail"]
+        assert "SignatureDoesNotMatch" in message(findings, "remote tier") or "403" in message(findings, "remote tier")
+
+
 def test_lmcache_remote_url_and_local_disk_are_what_the_connector_refuses(tmp_path, redis_url):
     extra = {"lmcache.remote_url": redis_url, "lmcache.local_disk": f"file://{tmp_path}/d/",
              "lmcache.max_local_disk_size": 1}
@@ -221,3 +238,21 @@ def test_pd_roles_say_what_the_hand_off_does_and_warn_without_a_shared_tier(role
         assert pd == []
     else:
         assert [(f.level, says in f.message) for f in pd] == [(level, True)], pd
+
+
+@pytest.mark.parametrize("engine, used", [(None, "posix-odirect"), ("posix", "posix-odirect"), ("nixl", "nixl-posix")])
+def test_the_direct_io_finding_names_the_configured_engine(tmp_path, engine, used):
+    """In process: the tier probe alone, with the engine from ``kvplugin.directio.engine``."""
+    from vllm_kvplugin.doctor import Findings
+    from vllm_kvplugin.doctor.tiers import check_tiers
+    from vllm_kvplugin.lmcache.settings import check_extra_config
+
+    if engine == "nixl":
+        pytest.importorskip("nixl", reason="nixl is not installed (pip install 'vllm-kvplugin[nixl]')")
+    extra = {"kvplugin.directio.path": str(tmp_path), "kvplugin.directio.max_size_gb": 0.01}
+    extra |= {"kvplugin.directio.engine": engine} if engine else {}
+    found = Findings()
+    check_tiers(found, check_extra_config(extra, 32), extra)
+    tier = [f for f in found if f.check == "direct-I/O tier"]
+    assert [f.level for f in tier] == ["ok"] and f"read back with {used} (" in tier[0].message
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from example_configs import (
     EXAMPLES,
     PLACEHOLDER_LOCAL,
     PLACEHOLDER_REDIS,
+    PLACEHOLDER_S3_ENDPOINT,
     PLACEHOLDER_SHARED,
     example_names,
     example_text,
@@ -28,17 +29,17 @@ from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME
 from vllm_kvplugin.lmcache.remote_tier import PLUGIN_NAME as REMOTE_PLUGIN
 from vllm_kvplugin.lmcache.settings import check_extra_config
 from vllm_kvplugin.mp.settings import check_mp_config, is_mp_config
-from vllm_kvplugin.storage.settings import REMOTE_URL_KEY, remote_settings
+from vllm_kvplugin.storage.settings import REMOTE_ENDPOINT_KEY, REMOTE_URL_KEY, remote_settings
 
 REQUIRED = {"cpu-tier.json", "cpu-nvme-directio.json", "shared-directory.json", "redis-shared.json",
-            "producer.json", "consumer.json", "mp-server.json"}
+            "s3-shared.json", "producer.json", "consumer.json", "mp-server.json"}
 BLOCK_SIZES = (16, 32, 128)
 
 
 @pytest.fixture
 def substitutions(tmp_path):
     return {PLACEHOLDER_LOCAL: str(tmp_path / "nvme"), PLACEHOLDER_SHARED: str(tmp_path / "shared"),
-            PLACEHOLDER_REDIS: "redis://127.0.0.1:6399"}
+            PLACEHOLDER_REDIS: "redis://127.0.0.1:6399", PLACEHOLDER_S3_ENDPOINT: "http://127.0.0.1:8399"}
 
 
 def test_every_required_example_exists_and_uses_only_placeholder_paths():
@@ -67,7 +68,10 @@ def test_example_passes_vllm_and_connector_startup_validation(name, block_size, 
         assert config.extra_config[PATH_KEY] in substitutions.values()
     if REMOTE_URL_KEY in extra:  # the checksummed remote tier, never LMCache's unchecked remote_url
         assert REMOTE_PLUGIN in config.storage_plugins and config.remote_url is None
-        assert config.extra_config[REMOTE_URL_KEY] == substitutions[PLACEHOLDER_REDIS]
+        if extra[REMOTE_URL_KEY].startswith("s3://"):  # a bucket; the endpoint at the substituted address
+            assert config.extra_config[REMOTE_ENDPOINT_KEY] == substitutions[PLACEHOLDER_S3_ENDPOINT]
+        else:
+            assert config.extra_config[REMOTE_URL_KEY] == substitutions[PLACEHOLDER_REDIS]
 
 
 @pytest.mark.parametrize("name", [n for n in example_names() if lmcache_yaml_for(n)])

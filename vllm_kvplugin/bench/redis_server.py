@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A real ``redis-server`` on loopback, started and stopped by the process that uses it.
 
-Used by the shared-tier tests (tests/e2e/test_shared_redis.py) and by
+Used by the shared-tier tests (tests/e2e/test_shared_remote.py) and by
 ``vllm-kvplugin bench tiers``; runs in the test or benchmark process, the
 server is a child process. ``ci/setup-env.sh`` installs Debian's redis-server.
 The server keeps nothing on disk (no RDB, no AOF), so a restart comes back

@@ -2,21 +2,22 @@
 """Storage tiers: one prompt's KV stored and loaded through a real LMCacheEngine with our mover, tier by tier.
 
 Runs in the benchmarking process (LMCache's engine in-process, no vLLM). Tiers:
-LMCache's CPU tier; our direct-I/O tier on a directory; our checksummed remote
-tier on a real ``redis-server`` started here on loopback; and, as the peer, LMCache's own
-Redis connector on another one (no checksum: the connector refuses it, the
-benchmark measures it). For all but the first LMCache's CPU tier is off (``local_cpu: false``), so loads come from the files or from Redis.
+LMCache's CPU tier; our direct-I/O tier on a directory (O_DIRECT POSIX, and
+NIXL's POSIX backend where nixl is installed); our checksummed remote
+tier on a real ``redis-server`` and on a real S3 server (SeaweedFS), started here
+on loopback; and, as the peer, LMCache's own Redis connector on another Redis
+(no checksum: the connector refuses it, the benchmark measures it). For all but the first LMCache's CPU tier is off (``local_cpu: false``), so loads come from the files or from Redis.
 Their puts are asynchronous: store time runs from ``store()`` until the tier
 answers lookups for every chunk, and loads are timed only after that. The
 direct-I/O tier reads with O_DIRECT where the filesystem allows it (page cache
 bypassed); where it falls back to buffered I/O, loads may come from the page
 cache, which this benchmark cannot drop; the row's note says which.
 
-Each tier's engine runs in a child process that exits without closing it:
-LMCache 0.5.6's ``RedisConnector.close`` awaits a blocking shutdown on its own
-event loop and never returns (the reason this began), and LMCache's engines'
-threads outlive a close anyway.
-The tier itself (directory, Redis server) belongs to this process.
+The tiers' engines run one after another in one child process that exits
+without closing them: LMCache 0.5.6's ``RedisConnector.close`` awaits a
+blocking shutdown on its own event loop and never returns, and LMCache's
+engines' threads outlive a close anyway. The tiers themselves (directories,
+servers) belong to this process and run side by side while the child measures.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ import torch
 from vllm_kvplugin.bench.layouts import vllm_style_views
 from vllm_kvplugin.bench.mover import KVShape
 from vllm_kvplugin.bench.redis_server import RedisServer
+from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.bench.report import _pass, _table
 
-TIERS = ("cpu", "directio", "redis", "lmcache-redis")
+TIERS = ("cpu", "directio", "directio-nixl", "redis", "s3", "lmcache-redis")
 SHAPES = {
     "small": KVShape(layers=4, kv_heads=2, head_size=64),  # scaling.py's shape: 2 KiB/token
     "8b": KVShape(),  # Llama-3.1-8B per rank: 32 layers, 8 KV heads, head 128, bf16: 128 KiB/token
@@ -71,23 +73,48 @@ def _dataset_bytes(redis: RedisServer) -> int:  # keys and values, not client bu
     return int(redis.memory_info()["used_memory_dataset"])
 
 
+def _bucket_bytes(s3: SeaweedS3) -> int:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket)
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (a spawned child inherits them), restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iterator[_Tier]:
     """LMCache's config for one tier, with whatever it needs running (a directory, a Redis server)."""
     from vllm_kvplugin.lmcache.directio_backend import plugin_config
     from vllm_kvplugin.storage.directory import SUFFIX
-    from vllm_kvplugin.storage.io import choose_io
+    from vllm_kvplugin.storage.select import select_io
+    from vllm_kvplugin.storage.settings import ENGINE_KEY
 
     # sha256_cbor: the chunk hash our connector makes LMCache use (vllm_kvplugin.plugin)
     base = {"chunk_size": chunk_size, "max_local_cpu_size": capacity_gb, "pre_caching_hash_algorithm": "sha256_cbor"}
     if name == "cpu":
         yield _Tier(dict(local_cpu=True, **base), lambda cpu_bytes: cpu_bytes, "LMCache LocalCPUBackend")
-    elif name == "directio":
-        directory = workdir / "directio"
+    elif name in ("directio", "directio-nixl"):
+        directory = workdir / name
         directory.mkdir(parents=True, exist_ok=True)
-        io = choose_io(str(directory))
-        cfg = dict(local_cpu=False, **base, **plugin_config(str(directory), capacity_gb))
-        note = f"{io.name}, " + ("page cache bypassed" if io.direct else "buffered: loads may hit the page cache")
+        engine = "nixl" if name == "directio-nixl" else "posix"
+        io, choice = select_io(str(directory), chunks_on_device=False, engine=engine)
+        io.close()
+        tier = plugin_config(str(directory), capacity_gb)
+        tier["extra_config"][ENGINE_KEY] = engine
+        cfg = dict(local_cpu=False, **base, **tier)
+        note = f"{choice.engine}, " + ("page cache bypassed" if io.direct else "buffered: loads may hit the page cache")
         try:
             yield _Tier(cfg, lambda _: sum(p.stat().st_size for p in directory.rglob("*" + SUFFIX)), note)
         finally:
@@ -100,6 +127,14 @@ def _tier(name: str, workdir: Path, chunk_size: int, capacity_gb: float) -> Iter
             cfg = dict(local_cpu=False, **base, **remote_config({"kvplugin.remote.url": redis.url}))
             yield _Tier(cfg, lambda _: _dataset_bytes(redis) - empty,
                         "redis-server on loopback, checksummed chunk values")
+    elif name == "s3":
+        from vllm_kvplugin.lmcache.remote_tier import plugin_config as remote_config
+
+        with SeaweedS3(workdir / "s3") as s3, _environ(s3.env):
+            cfg = dict(local_cpu=False, **base, **remote_config(
+                {"kvplugin.remote.url": s3.url, "kvplugin.remote.endpoint_url": s3.endpoint_url}))
+            yield _Tier(cfg, lambda _: _bucket_bytes(s3), "SeaweedFS S3 (weed mini) on loopback, checksummed "
+                        "chunk objects")
     elif name == "lmcache-redis":  # the peer: LMCache's own RedisConnector, which the connector refuses
         with RedisServer(workdir) as redis:
             empty = _dataset_bytes(redis)
@@ -170,11 +205,11 @@ def _measure(config: dict, shape: KVShape, tokens: int, rounds: int, chunk_size:
     return store_s, load_s, exact, cpu_bytes
 
 
-def _child(conn, *args) -> None:
-    """Child process entry: measure, send the result (or the error), exit without closing LMCache."""
+def _child(conn, configs: list[dict], *args) -> None:
+    """Child process entry: measure each tier, send the results (or the error), exit without closing LMCache."""
     try:
         _quiet_lmcache()
-        conn.send(("ok", _measure(*args)))
+        conn.send(("ok", [_measure(config, *args) for config in configs]))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
@@ -182,10 +217,11 @@ def _child(conn, *args) -> None:
         os._exit(0)
 
 
-def _measure_in_child(config: dict, *args, timeout_s: float = 900) -> tuple[list[float], list[float], bool, int]:
+def _measure_in_child(configs: list[dict], *args,
+                      timeout_s: float = 1800) -> list[tuple[list[float], list[float], bool, int]]:
     ctx = multiprocessing.get_context("spawn")  # fork would copy this process's OpenMP and LMCache threads' state
     ours, theirs = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(theirs, config, *args), daemon=True)
+    child = ctx.Process(target=_child, args=(theirs, configs, *args), daemon=True)
     child.start()
     theirs.close()
     try:
@@ -226,11 +262,12 @@ def run(workdir: Path, tokens: int = 32768, shape: str = "small", tiers: Iterabl
     capacity_gb = rounds * kv_bytes / 1e9 * 1.5 + 0.05
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in tiers:
-        with _tier(name, workdir, chunk_size, capacity_gb) as tier:
-            store_s, load_s, exact, cpu_bytes = _measure_in_child(
-                tier.config, kv_shape, tokens, rounds, chunk_size, block_size)
-            held = tier.held_bytes(cpu_bytes)
+    with contextlib.ExitStack() as running:
+        opened = [(name, running.enter_context(_tier(name, workdir, chunk_size, capacity_gb))) for name in tiers]
+        measured = _measure_in_child([tier.config for _, tier in opened], kv_shape, tokens, rounds, chunk_size,
+                                     block_size)
+        helds = [tier.held_bytes(cpu_bytes) for (_, tier), (*_, cpu_bytes) in zip(opened, measured)]
+    for (name, tier), (store_s, load_s, exact, _), held in zip(opened, measured, helds):
         r = TierResult(name, shape, tokens, kv_bytes / 2**20, kv_bytes / statistics.median(store_s) / 1e9,
                        kv_bytes / statistics.median(load_s) / 1e9, exact, held / (rounds * tokens), tier.note)
         results.append(r)

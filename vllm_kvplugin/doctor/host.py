@@ -93,7 +93,7 @@ def check_platform(found) -> str:
     if torch.version.hip:
         versions.append(f"ROCm/HIP {torch.version.hip}")
     versions += [f"habana bridge {_optional('habana_frameworks.torch', 'habana-torch-plugin')}",
-                 f"hipfile {_optional('hipfile', 'hipfile')}"]
+                 f"hipfile {_optional('hipfile', 'hipfile')}", f"nixl {_optional('nixl', 'nixl')}"]
     untested = []
     if _version("lmcache") != "0.5.6":
         untested.append("LMCache 0.5.6")

@@ -4,7 +4,7 @@
 Runs in the user's shell process (``vllm-kvplugin doctor``). Each probe
 does the real thing on a small scale — a chunk file written and read back
 through the I/O engine the direct-I/O tier would pick, a ``PING`` and a probe
-value written, read and deleted on the remote tier's Redis with a short
+value written, read and deleted on the remote tier's Redis or bucket with a short
 timeout — and cleans up after itself. Credentials in URLs are never printed.
 """
 
@@ -22,13 +22,14 @@ _GB = 1e9
 
 def check_tiers(found, config, extra: dict) -> None:
     """Probe every tier the connector would configure from LMCache's ``config`` and ``extra``."""
-    from vllm_kvplugin.lmcache.directio_backend import PATH_KEY, PLUGIN_NAME, SIZE_KEY
+    from vllm_kvplugin.lmcache.directio_backend import ENGINE_KEY, PATH_KEY, PLUGIN_NAME, SIZE_KEY
     from vllm_kvplugin.storage.settings import REMOTE_URL_KEY
 
     check_cpu(found, config)
     settings = {**(config.extra_config or {}), **extra}
     if PLUGIN_NAME in (config.storage_plugins or []) or PATH_KEY in extra:
-        check_directio(found, str(settings[PATH_KEY]), float(settings.get(SIZE_KEY, 10)))
+        check_directio(found, str(settings[PATH_KEY]), float(settings.get(SIZE_KEY, 10)),
+                       str(settings.get(ENGINE_KEY, "auto")))
     if REMOTE_URL_KEY in settings:
         check_remote(found, settings)
     # LMCache's own local_disk and remote_url tiers are refused by the config check (no checksum).
@@ -47,15 +48,17 @@ def check_cpu(found, config) -> None:
         found.add("CPU tier", "ok", f"{size:g} GB per TP rank ({role}); host memory {total:.0f} GB")
 
 
-def check_directio(found, path: str, max_size_gb: float) -> None:
-    """The direct-I/O tier's directory: usable, which I/O engine and why, room for its budget."""
+def check_directio(found, path: str, max_size_gb: float, engine: str = "auto") -> None:
+    """The direct-I/O tier's directory: usable, which I/O engine and why (a warning where the configured
+    ``engine`` fell back), room for its budget."""
     from vllm_kvplugin.storage.select import select_io
+    from vllm_kvplugin.storage.settings import ENGINE_KEY
 
     if not _usable_directory(found, "direct-I/O tier", path):
         return
     try:
-        # The tier's own choice (hipFile, O_DIRECT or buffered, and why); LMCache hands it host memory.
-        io, choice = select_io(path, chunks_on_device=False)
+        # The tier's own choice (hipFile, NIXL, O_DIRECT or buffered, and why); LMCache hands it host memory.
+        io, choice = select_io(path, chunks_on_device=False, engine=engine)
         try:
             alignment = _chunk_round_trip(io, path)
         finally:
@@ -65,21 +68,27 @@ def check_directio(found, path: str, max_size_gb: float) -> None:
         return
     free = shutil.disk_usage(path).free / _GB
     level = "ok" if max_size_gb <= free else "warn"
+    fell_back = engine != "auto" and not choice.engine.startswith(engine)
     reported = (f"statx DIO alignment {alignment.memory}/{alignment.offset} B" if alignment
                 else "no statx DIO alignment reported")
     found.add("direct-I/O tier", level, f"{path}: chunk written and read back with {choice.engine} "
               f"({choice.reason}; {reported}); budget {max_size_gb:g} GB, {free:.0f} GB free"
               + ("" if level == "ok" else ": the budget will not fit"))
+    if fell_back:
+        found.add("direct-I/O tier", "warn", f"{ENGINE_KEY}={engine} cannot run here (why: above); the tier "
+                  f"falls back to {choice.engine}")
 
 
 def check_remote(found, settings: dict) -> None:
-    """The checksummed remote tier: a real connect, ``PING`` and probe value, never showing credentials."""
+    """The checksummed remote tier: a real connect, ``PING`` (or the bucket's HEAD) and probe value,
+    never showing credentials."""
+    from vllm_kvplugin.storage.chunk_store import open_chunk_store
     from vllm_kvplugin.storage.format import HEADER_SIZE
-    from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, RedisChunkStore
+    from vllm_kvplugin.storage.redis_store import PASSWORD_ENV
     from vllm_kvplugin.storage.settings import remote_settings
 
     tier = remote_settings(settings)
-    store = RedisChunkStore(tier.url, timeout_s=min(tier.timeout_s, _TIMEOUT_S), retry_after_s=0)
+    store = open_chunk_store(tier.url, min(tier.timeout_s, _TIMEOUT_S), tier.endpoint_url, retry_after_s=0)
     if store.password_in_url:
         found.add("remote tier", "warn", f"{store.url}: a password in kvplugin.remote.url is written to vLLM's "
                   f"and LMCache's config logs; set {PASSWORD_ENV} in the environment instead")
@@ -91,11 +100,13 @@ def check_remote(found, settings: dict) -> None:
         store.close()
     if not ok:
         error = store.last_error or "the probe value did not round-trip"
-        for secret in filter(None, (urlsplit(tier.url).password, os.environ.get(PASSWORD_ENV))):
+        for secret in filter(None, (urlsplit(tier.url).password, os.environ.get(PASSWORD_ENV),
+                                    os.environ.get("AWS_SECRET_ACCESS_KEY"))):
             error = error.replace(secret, "***")
         found.add("remote tier", "fail", f"{store.url}: not usable within {_TIMEOUT_S:g} s ({error})")
         return
-    found.add("remote tier", "ok", f"{store.url}: PING answered, a {len(probe)}-byte value written, read back "
+    answered = "the bucket answered" if tier.url.startswith("s3://") else "PING answered"
+    found.add("remote tier", "ok", f"{store.url}: {answered}, a {len(probe)}-byte value written, read back "
               f"and deleted; calls bounded by {tier.timeout_s:g} s")
 
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""LMCache storage plugin: KV chunks as checksummed values in a Redis shared by many servers.
+"""LMCache storage plugin: KV chunks as checksummed values in a Redis or an S3 bucket shared by many servers.
 
 Runs in the vLLM worker process, inside LMCache's storage manager (see
 :mod:`vllm_kvplugin.lmcache.chunk_tier` for what every checksummed tier does).
@@ -9,11 +9,12 @@ because its values carry no checksum (a damaged value would load as KV).
 
 Each chunk is one value, in the same format as a direct-I/O chunk file
 (header naming the key, shape and dtype, CRC32C of header and payload), under
-``kvplugin:<LMCache key>``; the key carries the layout fingerprint, so servers
-of another model, block size or ISA never read these bytes. Eviction is the
-server's (``maxmemory-policy allkeys-lru``). A server that is down, hung or
-restarted turns lookups into misses and stores into skipped stores, each within
-``kvplugin.remote.timeout_s`` (:class:`~vllm_kvplugin.storage.redis_store.RedisChunkStore`).
+``kvplugin:<LMCache key>`` in a Redis or ``<prefix>/<LMCache key>`` in a bucket;
+the key carries the layout fingerprint, so servers of another model, block
+size or ISA never read these bytes. Eviction is the store's (Redis:
+``maxmemory-policy allkeys-lru``; S3: a lifecycle rule). A store that is down,
+hung or restarted turns lookups into misses and stores into skipped stores,
+each within ``kvplugin.remote.timeout_s`` (:mod:`vllm_kvplugin.storage.chunk_store`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from lmcache.logging import init_logger
 
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.storage.format import HEADER_SIZE, ChunkRejected, check_payload, decode_header
-from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, USERNAME_ENV, RedisChunkStore
-from vllm_kvplugin.storage.settings import REMOTE_THREADS_KEY, REMOTE_TIMEOUT_KEY, REMOTE_URL_KEY, remote_settings
+from vllm_kvplugin.storage.chunk_store import open_chunk_store
+from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, USERNAME_ENV
+from vllm_kvplugin.storage.settings import (REMOTE_ENDPOINT_KEY, REMOTE_THREADS_KEY, REMOTE_TIMEOUT_KEY,
+                                            REMOTE_URL_KEY, remote_settings)
 
 logger = init_logger(__name__)
 
@@ -43,18 +46,20 @@ def plugin_config(extra: dict) -> dict:
             REMOTE_URL_KEY: settings.url,
             REMOTE_TIMEOUT_KEY: settings.timeout_s,
             REMOTE_THREADS_KEY: settings.io_threads,
+            **({REMOTE_ENDPOINT_KEY: settings.endpoint_url} if settings.endpoint_url else {}),
         },
     }
 
 
 class RemoteTierBackend(ChunkTier):
-    """A Redis (or any RESP server) as an LMCache tier of checksummed chunk values."""
+    """A Redis (or any RESP server) or an S3 bucket as an LMCache tier of checksummed chunk values."""
 
     def __init__(self, dst_device="cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         settings = remote_settings(config.extra_config or {})
-        super().__init__(PLUGIN_NAME, "chunk value", settings.io_threads, dst_device, config, metadata,
+        noun = "chunk object" if settings.url.startswith("s3://") else "chunk value"
+        super().__init__(PLUGIN_NAME, noun, settings.io_threads, dst_device, config, metadata,
                          local_cpu_backend, loop)
-        self.store = RedisChunkStore(settings.url, settings.timeout_s)
+        self.store = open_chunk_store(settings.url, settings.timeout_s, settings.endpoint_url)
         logger.info("%s: chunks in %s (%s)", PLUGIN_NAME, self.store.url,
                     "reachable" if self.store.ping() else "not reachable yet: misses until it is")
         if self.store.password_in_url:

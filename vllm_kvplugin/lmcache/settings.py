@@ -28,8 +28,13 @@ _OUR_KEYS = {
     "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
     "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
     "kvplugin.directio.io_threads": "writer threads (default 2)",
-    "kvplugin.remote.url": "redis://[user:password@]host:port[/db] of the shared remote tier (enables it)",
-    "kvplugin.remote.timeout_s": "bound on any one call to that server, s (default 1)",
+    "kvplugin.directio.engine": "I/O engine of its files: auto (default: hipFile for chunks on device, else "
+    "O_DIRECT), posix, nixl or hipfile; one that cannot run falls back to O_DIRECT, logged",
+    "kvplugin.remote.url": "redis://[user:password@]host:port[/db] or s3://bucket[/prefix] of the shared "
+    "remote tier (enables it)",
+    "kvplugin.remote.endpoint_url": "the S3 endpoint, http(s)://host:port, of a store other than AWS "
+    "(credentials and region from boto3's environment: AWS_ACCESS_KEY_ID, ...)",
+    "kvplugin.remote.timeout_s": "bound on any one call to that server, s (default 1; 5 for s3://)",
     "kvplugin.remote.io_threads": "its writer threads (default 2)",
     "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
     "default async on CUDA/ROCm, sync on CPU and HPU",
@@ -115,12 +120,16 @@ def _type_name(kind) -> str:
 
 def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
     """Add the direct-I/O tier to LMCache's storage plugins, as LMCache YAML users would by hand."""
-    from vllm_kvplugin.lmcache.directio_backend import PLUGIN_NAME, THREADS_KEY, plugin_config, tier_settings
+    from vllm_kvplugin.lmcache.directio_backend import (
+        ENGINE_KEY, PLUGIN_NAME, THREADS_KEY, plugin_config, tier_settings,
+    )
 
     settings = tier_settings(extra)  # a bad value fails here, at startup, naming its key
     tier = plugin_config(settings.path, settings.max_size_gb)
     if THREADS_KEY in extra:
         tier["extra_config"][THREADS_KEY] = settings.io_threads
+    if ENGINE_KEY in extra:
+        tier["extra_config"][ENGINE_KEY] = settings.engine
     config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
     config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
 
@@ -187,7 +196,7 @@ def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
     if config.remote_url:  # never echoed: it may carry a password
         problems.append(
             "remote_url: LMCache's remote tiers store values without a checksum (a damaged value loads as "
-            "wrong KV); use the checksummed remote tier instead: kvplugin.remote.url (redis://host:port)"
+            "wrong KV); use the checksummed remote tier instead: kvplugin.remote.url (redis://host:port or s3://bucket)"
         )
     if problems:
         raise ValueError("LMCache config unsupported by vllm-kvplugin: " + "; ".join(problems))

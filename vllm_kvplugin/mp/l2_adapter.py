@@ -44,7 +44,7 @@ from lmcache.v1.platform import create_event_notifier
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
 from vllm_kvplugin.storage.select import select_io
-from vllm_kvplugin.storage.settings import PATH_KEY, SIZE_KEY, THREADS_KEY, tier_settings
+from vllm_kvplugin.storage.settings import ENGINE_KEY, PATH_KEY, SIZE_KEY, THREADS_KEY, tier_settings
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +70,19 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 
 class DirectIOL2AdapterConfig(L2AdapterConfigBase):
-    """``adapter_params``: ``path`` (required), ``max_size_gb`` (10), ``io_threads`` (2)."""
+    """``adapter_params``: ``path`` (required), ``max_size_gb`` (10), ``io_threads`` (2), ``engine`` (auto)."""
 
-    def __init__(self, path: str, max_size_gb: float, io_threads: int):
-        self.path, self.max_size_gb, self.io_threads = path, max_size_gb, io_threads
+    def __init__(self, path: str, max_size_gb: float, io_threads: int, engine: str = "auto"):
+        self.path, self.max_size_gb, self.io_threads, self.engine = path, max_size_gb, io_threads, engine
 
     @classmethod
     def from_dict(cls, d: dict) -> "DirectIOL2AdapterConfig":
-        short = {"path": PATH_KEY, "max_size_gb": SIZE_KEY, "io_threads": THREADS_KEY}
+        short = {"path": PATH_KEY, "max_size_gb": SIZE_KEY, "io_threads": THREADS_KEY, "engine": ENGINE_KEY}
         unknown = sorted(set(d) - set(short))
         if unknown:
             raise ValueError(f"unknown adapter_params {unknown}; known: {sorted(short)}")
         s = tier_settings({short[k]: v for k, v in d.items()})
-        return cls(s.path, s.max_size_gb, s.io_threads)
+        return cls(s.path, s.max_size_gb, s.io_threads, s.engine)
 
     @classmethod
     def help(cls) -> str:
@@ -90,7 +90,8 @@ class DirectIOL2AdapterConfig(L2AdapterConfigBase):
             "vllm-kvplugin direct-I/O L2 adapter (adapter_params):\n"
             "- path (str): directory of chunk files (required; shared filesystems allowed)\n"
             "- max_size_gb (float): byte budget, least recently used files evicted first (default 10)\n"
-            "- io_threads (int): reader/writer threads (default 2)"
+            "- io_threads (int): reader/writer threads (default 2)\n"
+            "- engine (str): I/O engine of the files: auto (default), posix, nixl or hipfile"
         )
 
 
@@ -100,7 +101,8 @@ class DirectIOL2Adapter(L2AdapterInterface):
     def __init__(self, config: DirectIOL2AdapterConfig, l1_memory_desc=None):
         super().__init__()  # capacity 0: our own budget evicts; LMCache's L2 eviction stays off
         self.directory = ChunkDirectory(config.path, round(config.max_size_gb * 1e9))
-        self.io, choice = select_io(self.directory.root, chunks_on_device=False)  # L1 is host memory
+        # L1 is host memory
+        self.io, choice = select_io(self.directory.root, chunks_on_device=False, engine=config.engine)
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvplugin-l2")
         self._events = {kind: create_event_notifier() for kind in ("store", "lookup", "load")}
         self._done: dict[str, dict] = {kind: {} for kind in self._events}

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from vllm_kvplugin.storage.settings import ENGINES
+
 ADAPTER_MODULE = "vllm_kvplugin.mp.l2_adapter"
 ADAPTER_CLASS = "DirectIOL2Adapter"
 
@@ -43,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--directio-path", help="directory of the direct-I/O L2 tier (enables it)")
     parser.add_argument("--directio-max-size-gb", type=float, default=10.0, help="its byte budget, GB (default 10)")
     parser.add_argument("--directio-io-threads", type=int, default=2, help="its I/O threads (default 2)")
+    parser.add_argument("--directio-engine", choices=ENGINES, default="auto",
+                        help="its I/O engine (default auto: O_DIRECT; nixl: NIXL's POSIX backend)")
     parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=True,
                         help="L1 in POSIX shared memory: workers on this host write chunks straight into it "
                              "(default on; --no-shm for a server that workers on other hosts use)")
@@ -50,11 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("lmcache_args", nargs=argparse.REMAINDER, help="after --: more `lmcache server` flags")
 
 
-def l2_adapter_json(path: str, max_size_gb: float, io_threads: int) -> str:
+def l2_adapter_json(path: str, max_size_gb: float, io_threads: int, engine: str = "auto") -> str:
     """The ``--l2-adapter`` value that loads our tier through LMCache's ``plugin`` adapter type."""
+    params = {"path": path, "max_size_gb": max_size_gb, "io_threads": io_threads}
     return json.dumps({
         "type": "plugin", "module_path": ADAPTER_MODULE, "class_name": ADAPTER_CLASS,
-        "adapter_params": {"path": path, "max_size_gb": max_size_gb, "io_threads": io_threads},
+        "adapter_params": params if engine == "auto" else {**params, "engine": engine},
     })
 
 
@@ -72,7 +77,7 @@ def lmcache_server_argv(args: argparse.Namespace) -> list[str]:
         from vllm_kvplugin.mp.l2_adapter import DirectIOL2AdapterConfig
 
         params = {"path": os.path.abspath(args.directio_path), "max_size_gb": args.directio_max_size_gb,
-                  "io_threads": args.directio_io_threads}
+                  "io_threads": args.directio_io_threads, "engine": args.directio_engine}
         DirectIOL2AdapterConfig.from_dict(params)  # a bad value fails here, with its key named
         argv += ["--l2-adapter", l2_adapter_json(**params)]
     extra = list(args.lmcache_args)
@@ -118,7 +123,8 @@ class ServerProcess:
         args = argparse.Namespace(
             host="127.0.0.1", port=self.port, http_port=self.http_port, l1_size_gb=l1_size_gb,
             chunk_size=chunk_size, directio_path=str(directio_path) if directio_path else None,
-            directio_max_size_gb=1.0, directio_io_threads=2, shm=shm and not stock, lmcache_args=list(extra),
+            directio_max_size_gb=1.0, directio_io_threads=2, directio_engine="auto", shm=shm and not stock,
+            lmcache_args=list(extra),
         )
         self.argv = lmcache_server_argv(args)
         if stock:  # LMCache's documented minimum: no transfer-mode flag

@@ -1,25 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Chunk values in a Redis (or any RESP server: Valkey, KeyDB, Dragonfly), one key per chunk.
 
-Runs in the vLLM worker process, called by the remote tier
-(:mod:`vllm_kvplugin.lmcache.remote_tier`) from LMCache's lookup thread, the
-forward thread and the tier's writer threads (redis-py's pool is thread-safe).
-
-A value is a chunk file's bytes (:mod:`vllm_kvplugin.storage.format`: a
-checksummed header naming the key, then the payload), so a value that is
-truncated, bit-flipped or stored under another key is rejected by the same
-checks as a file. The server being down, hung or restarted is never an
-error here: every call answers "absent" or "not stored" within ``timeout_s``,
-and after a failure the store stays quiet for ``retry_after_s`` (each call
-answers at once) instead of making every lookup wait out the timeout.
+Runs in the vLLM worker process (see :mod:`vllm_kvplugin.storage.chunk_store`
+for what every shared store guarantees); redis-py's pool is thread-safe.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from urllib.parse import urlsplit, urlunsplit
+
+from vllm_kvplugin.storage.chunk_store import ChunkStore
 
 KEY_PREFIX = "kvplugin:"
 # Credentials from the environment keep them out of vLLM's and LMCache's config logs.
@@ -34,7 +25,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
-class RedisChunkStore:
+class RedisChunkStore(ChunkStore):
     """Get, put and probe chunk values by name on one RESP server.
 
     Args:
@@ -47,6 +38,7 @@ class RedisChunkStore:
     def __init__(self, url: str, timeout_s: float = 1.0, retry_after_s: float = 2.0):
         import redis
 
+        super().__init__(retry_after_s)
         self.url = redacted(url)
         self.password_in_url = urlsplit(url).password is not None
         credentials = {} if self.password_in_url else {
@@ -56,25 +48,6 @@ class RedisChunkStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False, **credentials,
         )
         self._errors = (redis.RedisError, OSError)
-        self._retry_after_s = retry_after_s
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
-
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _call(self, fn, *args):
-        """``fn(*args)``, or None if the server is marked down or the call fails (then marked down)."""
-        if not self.available():
-            return None
-        try:
-            return fn(*args)
-        except self._errors as e:
-            with self._lock:
-                self._down_until = time.monotonic() + self._retry_after_s
-                self.last_error = f"{type(e).__name__}: {e}"
-            return None
 
     def get(self, name: str) -> bytes | None:
         return self._call(self._client.get, KEY_PREFIX + name)
@@ -83,7 +56,6 @@ class RedisChunkStore:
         return bool(self._call(self._client.exists, KEY_PREFIX + name))
 
     def put(self, name: str, value) -> bool:
-        """Store ``value`` (bytes-like) under ``name``; False if it was not stored."""
         return bool(self._call(self._client.set, KEY_PREFIX + name, value))
 
     def delete(self, name: str) -> None:
