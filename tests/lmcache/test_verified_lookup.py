@@ -57,7 +57,8 @@ def test_a_chunk_damaged_before_the_lookup_is_never_promised(engines, tmp_path):
     assert int(engine.retrieve(TOKENS[:32], kvcaches=dst, slot_mapping=slots(DST_TABLE, 32), req_id="req").sum()) == 32
     assert_loaded(src, dst, blocks=2)
     engine.lookup_unpin("req")
-    assert len(backend(engine)._held) == 0
+    assert len(backend(engine)._held) == 0  # chunk 2, read beside chunk 1, was released at the lookup
+    assert backend(engine).directory._pinned == {}
 
 
 def test_two_lookups_of_one_chunk_share_a_hold_until_both_unpin(engines, tmp_path):

@@ -13,11 +13,11 @@ direct-I/O tier reads with O_DIRECT where the filesystem allows it (page cache
 bypassed); where it falls back to buffered I/O, loads may come from the page
 cache, which this benchmark cannot drop; the row's note says which.
 
-The tiers' engines run one after another in one child process that exits
-without closing them: LMCache 0.5.6's ``RedisConnector.close`` awaits a
-blocking shutdown on its own event loop and never returns, and LMCache's
-engines' threads outlive a close anyway. The tiers themselves (directories,
-servers) belong to this process and run side by side while the child measures.
+Each tier's engine runs in a child process that exits without closing it:
+LMCache 0.5.6's ``RedisConnector.close`` awaits a blocking shutdown on its own
+event loop and never returns, and LMCache's engines' threads outlive a close
+anyway (one child for every tier would hold every tier's host memory at once).
+The tier itself (directory, server) belongs to this process.
 """
 
 from __future__ import annotations
@@ -205,11 +205,11 @@ def _measure(config: dict, shape: KVShape, tokens: int, rounds: int, chunk_size:
     return store_s, load_s, exact, cpu_bytes
 
 
-def _child(conn, configs: list[dict], *args) -> None:
-    """Child process entry: measure each tier, send the results (or the error), exit without closing LMCache."""
+def _child(conn, *args) -> None:
+    """Child process entry: measure, send the result (or the error), exit without closing LMCache."""
     try:
         _quiet_lmcache()
-        conn.send(("ok", [_measure(config, *args) for config in configs]))
+        conn.send(("ok", _measure(*args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
@@ -217,11 +217,10 @@ def _child(conn, configs: list[dict], *args) -> None:
         os._exit(0)
 
 
-def _measure_in_child(configs: list[dict], *args,
-                      timeout_s: float = 1800) -> list[tuple[list[float], list[float], bool, int]]:
+def _measure_in_child(config: dict, *args, timeout_s: float = 900) -> tuple[list[float], list[float], bool, int]:
     ctx = multiprocessing.get_context("spawn")  # fork would copy this process's OpenMP and LMCache threads' state
     ours, theirs = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(theirs, configs, *args), daemon=True)
+    child = ctx.Process(target=_child, args=(theirs, config, *args), daemon=True)
     child.start()
     theirs.close()
     try:
@@ -262,12 +261,11 @@ def run(workdir: Path, tokens: int = 32768, shape: str = "small", tiers: Iterabl
     capacity_gb = rounds * kv_bytes / 1e9 * 1.5 + 0.05
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    with contextlib.ExitStack() as running:
-        opened = [(name, running.enter_context(_tier(name, workdir, chunk_size, capacity_gb))) for name in tiers]
-        measured = _measure_in_child([tier.config for _, tier in opened], kv_shape, tokens, rounds, chunk_size,
-                                     block_size)
-        helds = [tier.held_bytes(cpu_bytes) for (_, tier), (*_, cpu_bytes) in zip(opened, measured)]
-    for (name, tier), (store_s, load_s, exact, _), held in zip(opened, measured, helds):
+    for name in tiers:
+        with _tier(name, workdir, chunk_size, capacity_gb) as tier:
+            store_s, load_s, exact, cpu_bytes = _measure_in_child(
+                tier.config, kv_shape, tokens, rounds, chunk_size, block_size)
+            held = tier.held_bytes(cpu_bytes)
         r = TierResult(name, shape, tokens, kv_bytes / 2**20, kv_bytes / statistics.median(store_s) / 1e9,
                        kv_bytes / statistics.median(load_s) / 1e9, exact, held / (rounds * tokens), tier.note)
         results.append(r)
