@@ -18,6 +18,7 @@ from vllm_kvplugin.storage.format import ALIGN, HEADER_SIZE, ChunkHeader, ChunkR
 from vllm_kvplugin.storage.hipfile_io import HipFileIO, filesystem_magic
 from vllm_kvplugin.storage.io import PosixIO
 from vllm_kvplugin.storage.select import select_io
+from tests.storage.damaged_chunks import DAMAGES
 from tests.storage.fake_hipfile import HipFileException, fake_hipfile
 
 KEY = "model@kvplugin1/rocm/LBHNC/bs16@1@0@c0ffee@bfloat16"
@@ -108,22 +109,7 @@ def test_large_payloads_move_in_pieces(tmp_path, io, hf, engine_max, binding_max
     assert all(file_offset == HEADER_SIZE + offset for _, file_offset, offset in pieces)
 
 
-def _flip(path, offset):
-    with open(path, "r+b") as f:
-        byte = os.pread(f.fileno(), 1, offset)[0]
-        os.pwrite(f.fileno(), bytes([byte ^ 0xFF]), offset)
-
-
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda p: os.truncate(p, HEADER_SIZE + ALIGN), "truncated payload"),
-        (lambda p: os.truncate(p, 100), "truncated header"),
-        (lambda p: _flip(p, HEADER_SIZE + 10), "payload checksum"),
-        (lambda p: _flip(p, 20), "header checksum"),
-    ],
-    ids=["truncated-payload", "truncated-header", "flipped-payload", "flipped-header"],
-)
+@pytest.mark.parametrize("damage, message", DAMAGES)
 def test_damaged_files_are_rejected(tmp_path, io, damage, message):
     path = str(tmp_path / "c")
     io.write(path, *chunk(os.urandom(4 * ALIGN)))

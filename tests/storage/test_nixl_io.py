@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from tests.storage.damaged_chunks import DAMAGES
 from vllm_kvplugin.doctor import Findings
 from vllm_kvplugin.doctor.tiers import check_directio
 from vllm_kvplugin.storage import select as select_module
@@ -64,22 +65,7 @@ def test_files_are_byte_identical_to_posix_io_and_readable_both_ways(tmp_path, i
     assert bytes(posix.read(ours, KEY)[1]) == payload and bytes(io.read(theirs, KEY)[1]) == payload
 
 
-def _flip(path, offset):
-    with open(path, "r+b") as f:
-        byte = os.pread(f.fileno(), 1, offset)[0]
-        os.pwrite(f.fileno(), bytes([byte ^ 0xFF]), offset)
-
-
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda p: os.truncate(p, HEADER_SIZE + ALIGN), "truncated payload"),
-        (lambda p: os.truncate(p, 100), "truncated header"),
-        (lambda p: _flip(p, HEADER_SIZE + 10), "payload checksum"),
-        (lambda p: _flip(p, 20), "header checksum"),
-    ],
-    ids=["truncated-payload", "truncated-header", "flipped-payload", "flipped-header"],
-)
+@pytest.mark.parametrize("damage, message", DAMAGES)
 def test_damaged_files_are_rejected_as_posix_io_rejects_them(tmp_path, io, damage, message):
     path = str(tmp_path / "c")
     io.write(path, *chunk(os.urandom(4 * ALIGN)))

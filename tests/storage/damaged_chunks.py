@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ways a chunk file is damaged on disk, and the rejection each must cause (shared by the engines' tests)."""
+
+import os
+
+import pytest
+
+from vllm_kvplugin.storage.format import ALIGN, HEADER_SIZE
+
+
+def flip(path, offset: int) -> None:
+    """Invert one byte of ``path`` at ``offset``."""
+    with open(path, "r+b") as f:
+        byte = os.pread(f.fileno(), 1, offset)[0]
+        os.pwrite(f.fileno(), bytes([byte ^ 0xFF]), offset)
+
+
+# (damage(path), the ChunkRejected message it must give) for a file holding a 4-block payload
+DAMAGES = [
+    pytest.param(lambda p: os.truncate(p, HEADER_SIZE + ALIGN), "truncated payload", id="truncated-payload"),
+    pytest.param(lambda p: os.truncate(p, 100), "truncated header", id="truncated-header"),
+    pytest.param(lambda p: flip(p, HEADER_SIZE + 10), "payload checksum", id="flipped-payload"),
+    pytest.param(lambda p: flip(p, 20), "header checksum", id="flipped-header"),
+]
