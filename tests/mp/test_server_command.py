@@ -47,6 +47,21 @@ def test_the_directio_engine_is_passed_to_the_adapter_only_when_set(tmp_path):
     assert json.loads(flag(argv, "--l2-adapter"))["adapter_params"]["engine"] == "nixl"
 
 
+def test_remote_url_adds_the_checksummed_remote_adapter_after_the_directio_one(tmp_path):
+    argv = command("--directio-path", str(tmp_path), "--remote-url", "s3://kv/team",
+                   "--remote-endpoint-url", "http://s3.internal:8333")
+    adapters = [json.loads(argv[i + 1]) for i, arg in enumerate(argv) if arg == "--l2-adapter"]
+    assert [a["class_name"] for a in adapters] == ["DirectIOL2Adapter", "RemoteL2Adapter"]
+    assert adapters[1]["adapter_params"] == {"url": "s3://kv/team", "endpoint_url": "http://s3.internal:8333"}
+
+
+@pytest.mark.parametrize("url", ["s3://AKIA:secret@kv", "http://h:1"])
+def test_a_bad_remote_url_fails_before_a_server_starts_and_is_not_echoed(url):
+    proc = subprocess.run([sys.executable, "-m", "vllm_kvplugin.cli", "server", "--print-command", "--remote-url", url],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "kvplugin.remote.url" in proc.stderr and "secret" not in proc.stderr
+
+
 def test_bad_tier_values_fail_before_a_server_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vllm_kvplugin.cli", "server", "--print-command",
                            "--directio-path", str(tmp_path), "--directio-max-size-gb", "-1"],

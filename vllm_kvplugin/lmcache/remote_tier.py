@@ -24,8 +24,7 @@ import errno
 from lmcache.logging import init_logger
 
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
-from vllm_kvplugin.storage.format import HEADER_SIZE, ChunkRejected, check_payload, decode_header
-from vllm_kvplugin.storage.chunk_store import open_chunk_store
+from vllm_kvplugin.storage.chunk_store import open_chunk_store, verified_value
 from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, USERNAME_ENV
 from vllm_kvplugin.storage.settings import (REMOTE_ENDPOINT_KEY, REMOTE_THREADS_KEY, REMOTE_TIMEOUT_KEY,
                                             REMOTE_URL_KEY, remote_settings)
@@ -72,14 +71,7 @@ class RemoteTierBackend(ChunkTier):
 
     def _fetch(self, name: str):
         value = self.store.get(name)
-        if value is None:
-            return None
-        header = decode_header(value[:HEADER_SIZE], name)
-        if len(value) != HEADER_SIZE + header.payload_len:
-            raise ChunkRejected(f"value is {len(value)} bytes, header and payload {HEADER_SIZE + header.payload_len}")
-        payload = memoryview(value)[HEADER_SIZE:]
-        check_payload(header, payload)
-        return header, payload
+        return None if value is None else verified_value(value, name)
 
     def _store(self, name: str, header: bytes, payload) -> None:
         if not self.store.put(name, b"".join((header, payload))):

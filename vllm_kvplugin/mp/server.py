@@ -15,7 +15,10 @@ with flags chosen so that every worker the portable connector serves fits:
   ``--no-shm`` for a server that workers on other hosts use;
 * with ``--directio-path``, our checksummed chunk-file tier as the server's
   L2 adapter (:mod:`vllm_kvplugin.mp.l2_adapter`): a restarted server is
-  warm from disk, a damaged file is a miss.
+  warm from disk, a damaged file is a miss;
+* with ``--remote-url``, the same checksummed chunks in a Redis or an S3
+  bucket shared by many servers (LMCache's own ``resp``/``s3`` adapters keep
+  no checksum).
 
 Anything after ``--`` goes to ``lmcache server`` unchanged.
 """
@@ -47,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--directio-io-threads", type=int, default=2, help="its I/O threads (default 2)")
     parser.add_argument("--directio-engine", choices=ENGINES, default="auto",
                         help="its I/O engine (default auto: O_DIRECT; nixl: NIXL's POSIX backend)")
+    parser.add_argument("--remote-url", help="redis://host:port or s3://bucket[/prefix]: a checksummed L2 tier on a "
+                        "shared store (after the direct-I/O tier if both are given; credentials from the environment)")
+    parser.add_argument("--remote-endpoint-url", help="the S3 endpoint, http(s)://host:port, of a store other than AWS")
     parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=True,
                         help="L1 in POSIX shared memory: workers on this host write chunks straight into it "
                              "(default on; --no-shm for a server that workers on other hosts use)")
@@ -61,6 +67,13 @@ def l2_adapter_json(path: str, max_size_gb: float, io_threads: int, engine: str 
         "type": "plugin", "module_path": ADAPTER_MODULE, "class_name": ADAPTER_CLASS,
         "adapter_params": params if engine == "auto" else {**params, "engine": engine},
     })
+
+
+def remote_l2_adapter_json(url: str, endpoint_url: str | None = None) -> str:
+    """The ``--l2-adapter`` value that loads our checksummed remote tier (Redis or S3)."""
+    params = {"url": url, **({"endpoint_url": endpoint_url} if endpoint_url else {})}
+    return json.dumps({"type": "plugin", "module_path": ADAPTER_MODULE, "class_name": "RemoteL2Adapter",
+                       "adapter_params": params})
 
 
 def lmcache_server_argv(args: argparse.Namespace) -> list[str]:
@@ -80,6 +93,12 @@ def lmcache_server_argv(args: argparse.Namespace) -> list[str]:
                   "io_threads": args.directio_io_threads, "engine": args.directio_engine}
         DirectIOL2AdapterConfig.from_dict(params)  # a bad value fails here, with its key named
         argv += ["--l2-adapter", l2_adapter_json(**params)]
+    if args.remote_url:
+        from vllm_kvplugin.mp.l2_adapter import RemoteL2AdapterConfig
+
+        json_value = remote_l2_adapter_json(args.remote_url, args.remote_endpoint_url)
+        RemoteL2AdapterConfig.from_dict(json.loads(json_value)["adapter_params"])  # refused here, naming the key
+        argv += ["--l2-adapter", json_value]
     extra = list(args.lmcache_args)
     return argv + (extra[1:] if extra[:1] == ["--"] else extra)
 
@@ -123,7 +142,8 @@ class ServerProcess:
         args = argparse.Namespace(
             host="127.0.0.1", port=self.port, http_port=self.http_port, l1_size_gb=l1_size_gb,
             chunk_size=chunk_size, directio_path=str(directio_path) if directio_path else None,
-            directio_max_size_gb=1.0, directio_io_threads=2, directio_engine="auto", shm=shm and not stock,
+            directio_max_size_gb=1.0, directio_io_threads=2, directio_engine="auto", remote_url=None,
+            remote_endpoint_url=None, shm=shm and not stock,
             lmcache_args=list(extra),
         )
         self.argv = lmcache_server_argv(args)

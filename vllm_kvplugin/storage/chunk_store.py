@@ -20,6 +20,22 @@ import abc
 import threading
 import time
 
+from vllm_kvplugin.storage.format import HEADER_SIZE, ChunkHeader, ChunkRejected, check_payload, decode_header
+
+
+def verified_value(value: bytes, name: str) -> tuple[ChunkHeader, memoryview]:
+    """The header and payload of a stored value, if it is a whole, intact chunk of ``name``.
+
+    Raises:
+        ChunkRejected: truncated, padded, bit-flipped or another key's.
+    """
+    header = decode_header(value[:HEADER_SIZE], name)
+    if len(value) != HEADER_SIZE + header.payload_len:
+        raise ChunkRejected(f"value is {len(value)} bytes, header and payload {HEADER_SIZE + header.payload_len}")
+    payload = memoryview(value)[HEADER_SIZE:]
+    check_payload(header, payload)
+    return header, payload
+
 
 class ChunkStore(abc.ABC):
     """Get, put and probe chunk values by name; no call raises for the store being unreachable.
