@@ -16,3 +16,13 @@ def tiny_model(tmp_path_factory):
     from vllm_kvplugin.demo.model import generate_model
 
     return str(generate_model(tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 server (SeaweedFS on loopback) for the tests that need one; a test that kills it starts
+    it again."""
+    from vllm_kvplugin.bench.s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server

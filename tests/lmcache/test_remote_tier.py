@@ -21,6 +21,7 @@ from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
 from tier_helpers import BLOCK, CHUNK, DST_TABLE, HEAD, HEADS, LAYERS, SRC_TABLE, TOKENS, assert_loaded, kv, slots
 
+from tests.storage.damaged_chunks import VALUE_DAMAGES, damaged_value
 from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
@@ -85,12 +86,6 @@ class S3Values:
     def clear(self) -> None:
         for key in self.keys():
             self._client.delete_object(Bucket=self._bucket, Key=key)
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture(params=["redis", "s3"])
@@ -168,22 +163,13 @@ def test_two_engines_share_chunks_bit_exact(store, remote_engines):
     assert_loaded(src, dst)
 
 
-@pytest.mark.parametrize("damage", ["flip-payload", "truncate", "flip-header", "another-key"])
+@pytest.mark.parametrize("damage", VALUE_DAMAGES)
 def test_a_damaged_value_is_a_miss_and_is_deleted(store, remote_engines, damage):
     engine = remote_engines(store.extra)
     src = store_kv(engine, seed=2)
     in_order = [store.key(key.to_string()) for _, _, key in engine.token_database.process_tokens(TOKENS)]
     victim = in_order[1]
-    value = bytearray(store.get(victim))
-    if damage == "flip-payload":
-        value[-3] ^= 0xFF
-    elif damage == "flip-header":
-        value[40] ^= 0xFF
-    elif damage == "truncate":
-        value = value[: len(value) // 2]
-    else:
-        value = bytearray(store.get(in_order[2]))
-    store.set(victim, bytes(value))
+    store.set(victim, damaged_value(store.get(victim), damage, store.get(in_order[2])))
     hits, dst = load(engine)
     assert hits == 32  # the first chunk only
     assert_loaded(src, dst, blocks=2)

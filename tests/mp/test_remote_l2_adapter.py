@@ -16,8 +16,8 @@ import redis as redis_py
 import torch
 
 from tests.mp.l2_helpers import keys, load, lookup, memory_obj, store
+from tests.storage.damaged_chunks import VALUE_DAMAGES, damaged_value
 from vllm_kvplugin.bench.redis_server import RedisServer
-from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.mp.l2_adapter import RemoteL2Adapter, RemoteL2AdapterConfig, object_key_text
 from vllm_kvplugin.mp.server import remote_l2_adapter_json
 from vllm_kvplugin.storage.redis_store import KEY_PREFIX
@@ -48,12 +48,6 @@ class Values:
             self._client.put_object(Bucket=self.server.bucket, Key=f"{DEFAULT_PREFIX}/{name}", Body=value)
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
-        yield server
-
-
 @pytest.fixture(params=["redis", "s3"])
 def shared(request, tmp_path, monkeypatch):
     """(adapter factory, raw values, server) on a running store with a fresh key space."""
@@ -62,7 +56,7 @@ def shared(request, tmp_path, monkeypatch):
         server = RedisServer(tmp_path).start()
         params = {"url": server.url}
     else:
-        server = request.getfixturevalue("s3")
+        server = request.getfixturevalue("s3_server")
         if not server.ping():
             server.start()
         for name, value in server.env.items():
@@ -105,23 +99,14 @@ def test_a_second_server_loads_what_the_first_stored_byte_exact(shared):
     assert all(torch.equal(a.tensor, b.tensor) for a, b in zip(src, dst))
 
 
-@pytest.mark.parametrize("damage", ["flip-payload", "flip-header", "truncate", "another-key"])
+@pytest.mark.parametrize("damage", VALUE_DAMAGES)
 def test_a_damaged_value_is_a_miss_and_is_deleted(shared, damage):
     make, values, _ = shared
     adapter = make()
     ks, src = keys(3), chunks(3, seed=2)
     assert store(adapter, ks, src).is_successful()
     names = [object_key_text(k) for k in ks]
-    value = bytearray(values.get(names[1]))
-    if damage == "flip-payload":
-        value[-3] ^= 0xFF
-    elif damage == "flip-header":
-        value[40] ^= 0xFF
-    elif damage == "truncate":
-        value = value[: len(value) // 2]
-    else:
-        value = bytearray(values.get(names[2]))
-    values.set(names[1], bytes(value))
+    values.set(names[1], damaged_value(values.get(names[1]), damage, values.get(names[2])))
     dst = [memory_obj(SHAPE) for _ in ks]
     assert load(adapter, ks, dst) == [True, False, True]
     assert torch.equal(src[0].tensor, dst[0].tensor) and torch.equal(src[2].tensor, dst[2].tensor)

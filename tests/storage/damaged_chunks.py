@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Ways a chunk file is damaged on disk, and the rejection each must cause (shared by the engines' tests)."""
+"""Ways a stored chunk is damaged (a file on disk, a value in a shared store), shared by the tiers' tests."""
 
 import os
 
@@ -22,3 +22,21 @@ DAMAGES = [
     pytest.param(lambda p: flip(p, HEADER_SIZE + 10), "payload checksum", id="flipped-payload"),
     pytest.param(lambda p: flip(p, 20), "header checksum", id="flipped-header"),
 ]
+
+
+# How a shared store's value goes bad: each must be a miss, and be deleted
+VALUE_DAMAGES = ["flip-payload", "flip-header", "truncate", "another-key"]
+
+
+def damaged_value(value: bytes, damage: str, another: bytes) -> bytes:
+    """``value`` damaged as ``damage`` says (``another``: a different chunk's value)."""
+    out = bytearray(value)
+    if damage == "flip-payload":
+        out[-3] ^= 0xFF
+    elif damage == "flip-header":
+        out[40] ^= 0xFF
+    elif damage == "truncate":
+        out = out[: len(out) // 2]
+    else:
+        out = bytearray(another)
+    return bytes(out)
