@@ -19,12 +19,11 @@ each within ``kvplugin.remote.timeout_s`` (:mod:`vllm_kvplugin.storage.chunk_sto
 
 from __future__ import annotations
 
-import errno
 
 from lmcache.logging import init_logger
 
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
-from vllm_kvplugin.storage.chunk_store import open_chunk_store, verified_value
+from vllm_kvplugin.storage.chunk_store import open_chunk_store
 from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, USERNAME_ENV
 from vllm_kvplugin.storage.settings import (REMOTE_ENDPOINT_KEY, REMOTE_THREADS_KEY, REMOTE_TIMEOUT_KEY,
                                             REMOTE_URL_KEY, remote_settings)
@@ -70,12 +69,10 @@ class RemoteTierBackend(ChunkTier):
         return self.store.exists(name)
 
     def _fetch(self, name: str):
-        value = self.store.get(name)
-        return None if value is None else verified_value(value, name)
+        return self.store.get_chunk(name)
 
     def _store(self, name: str, header: bytes, payload) -> None:
-        if not self.store.put(name, b"".join((header, payload))):
-            raise ConnectionError(errno.ECONNREFUSED, f"{self.store.url}: {self.store.last_error or 'not stored'}")
+        self.store.put_chunk(name, header, payload)
 
     def _discard(self, name: str) -> None:
         self.store.delete(name)

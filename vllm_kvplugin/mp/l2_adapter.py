@@ -37,7 +37,6 @@ controller through the task kind's event fd.
 from __future__ import annotations
 
 import abc
-import errno
 import itertools
 import logging
 import threading
@@ -49,7 +48,7 @@ from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface
 from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
-from vllm_kvplugin.storage.chunk_store import open_chunk_store, verified_value
+from vllm_kvplugin.storage.chunk_store import open_chunk_store
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
 from vllm_kvplugin.storage.select import select_io
@@ -108,7 +107,7 @@ class DirectIOL2AdapterConfig(L2AdapterConfigBase):
 
 class ChecksummedL2Adapter(L2AdapterInterface, abc.ABC):
     """An LMCache MP server's L2 tier of checksummed chunks; subclasses say where chunks live
-    (``_has``, ``_lock``, ``_unlock``, ``_put``, ``_get``, ``_drop``, ``_accessed``)."""
+    (``_has``, ``_lock_chunk``, ``_unlock_chunk``, ``_put``, ``_get``, ``_drop``, ``_accessed``)."""
 
     chunk_noun = "chunk"
 
@@ -405,12 +404,10 @@ class RemoteL2Adapter(ChecksummedL2Adapter):
         return self.store.exists(name)
 
     def _put(self, name: str, header: bytes, payload) -> None:
-        if not self.store.put(name, b"".join((header, payload))):
-            raise ConnectionError(errno.ECONNREFUSED, f"{self.store.url}: {self.store.last_error or 'not stored'}")
+        self.store.put_chunk(name, header, payload)
 
     def _get(self, name: str):
-        value = self.store.get(name)
-        return None if value is None else verified_value(value, name)
+        return self.store.get_chunk(name)
 
     def _drop(self, name: str) -> None:
         self.store.delete(name)

@@ -17,6 +17,7 @@ at once) instead of making every lookup wait out the timeout.
 from __future__ import annotations
 
 import abc
+import errno
 import threading
 import time
 
@@ -92,6 +93,20 @@ class ChunkStore(abc.ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+    def put_chunk(self, name: str, header: bytes, payload) -> None:
+        """Store one chunk (header and payload, one value); ``ConnectionError`` if it was not stored."""
+        if not self.put(name, b"".join((header, payload))):
+            raise ConnectionError(errno.ECONNREFUSED, f"{self.url}: {self.last_error or 'not stored'}")
+
+    def get_chunk(self, name: str) -> tuple[ChunkHeader, memoryview] | None:
+        """The verified header and payload of chunk ``name``, or None (absent, or the store did not answer).
+
+        Raises:
+            ChunkRejected: the stored value is not a whole, intact chunk of ``name``.
+        """
+        value = self.get(name)
+        return None if value is None else verified_value(value, name)
 
 
 def open_chunk_store(url: str, timeout_s: float, endpoint_url: str | None = None,
