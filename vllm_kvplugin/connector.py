@@ -31,6 +31,7 @@ from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from vllm_kvplugin.lmcache.async_save import BackgroundSaver
+from vllm_kvplugin.lmcache.block_tail import LookupView, trim_to_whole_blocks, whole_block_tokens
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.lmcache.engine import create_worker_engine
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
@@ -103,9 +104,10 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
             self._stats_sampler = WorkerStatsSampler(self._portable_engine.metadata.worker_id == 0)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """Scheduler: LMCache's lookup of the request's tokens up to its last whole block (block_tail)."""
         if not self._loads:
             return 0, False
-        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+        return super().get_num_new_matched_tokens(LookupView(request, self._block_size), num_computed_tokens)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         """Worker: LMCache's load of the step's hits, whatever forward context the runner built.
@@ -159,6 +161,7 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         """Engine core: LMCache's step metadata, plus which requests were kept, preempted and handed off."""
         kept, self._kept = frozenset(self._kept), set()
         lmcache_metadata = super().build_connector_meta(scheduler_output)
+        trim_to_whole_blocks(lmcache_metadata.requests, self._block_size)  # what the mover stores (block_tail)
         return PortableConnectorMetadata.extend(
             lmcache_metadata,
             kept=kept,
@@ -193,7 +196,8 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         if self._async_save and block_ids:
             self._kept.add(request.request_id)
             delay_free = True
-        report = self._handoffs.finished(request, tracker.num_saved_tokens if tracker else None)
+        stored = whole_block_tokens(tracker.num_saved_tokens, self._block_size) if tracker else None
+        report = self._handoffs.finished(request, stored)
         if report:
             params = {**(params or {}), **report}
         return delay_free, params

@@ -14,6 +14,19 @@ import pytest
 from vllm_kvplugin.demo.server import server_environ
 
 RUNNER = Path(__file__).with_name("llm_runner.py")
+BLOCK = 32  # vLLM's block size in these tests (llm_runner.py and VllmServer's default)
+
+
+def warm_hit(prompt_tokens: int, block: int = BLOCK) -> int:
+    """Prompt tokens a repeated prompt gets from the connector: every whole block (vllm_kvplugin.lmcache.block_tail),
+    but never the last token, which vLLM recomputes to sample from."""
+    whole = prompt_tokens // block * block
+    return whole if whole < prompt_tokens else prompt_tokens - 1
+
+
+def stored_chunks(prompt_tokens: int, chunk: int, block: int = BLOCK) -> int:
+    """Chunks (files, values) a prompt leaves in a tier: its whole chunks, and its tail's whole blocks as one more."""
+    return -(-(prompt_tokens // block * block) // chunk)
 
 
 def engine_env(**extra) -> dict[str, str]:

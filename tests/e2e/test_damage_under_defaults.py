@@ -17,12 +17,12 @@ import random
 
 import pytest
 
-from tests.e2e.engines import directio_connector, run_engines
+from tests.e2e.engines import directio_connector, run_engines, stored_chunks, warm_hit
 
 pytestmark = pytest.mark.e2e
 
 CHUNK = 256
-LENGTHS = (600, 900, 1100, 1537)  # none on the chunk grid; one of each damage kind at least
+LENGTHS = (600, 900, 1100, 1537)  # none on the chunk grid, the last one token past it; one of each damage kind
 REPO_PATH_ENV = {"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2])}
 
 
@@ -59,13 +59,13 @@ def test_damaged_files_are_misses_never_failed_requests_or_wrong_tokens(runs, en
     baseline = runs["baseline"].result()["passes"][0]["tokens"]
     out = runs[engine].result()
     cold, warm, damaged, again = out["passes"]
-    full = [n // CHUNK * CHUNK for n in LENGTHS]
+    full = [warm_hit(n) for n in LENGTHS]
     for p in out["passes"]:
         assert p["tokens"] == baseline, engine
         assert p["finish"] == ["length"] * len(LENGTHS)  # no request failed
     assert cold["cached"] == [0] * len(LENGTHS)
     assert warm["cached"] == full and min(warm["cached"]) >= 256
-    assert damaged["damaged"] == sum(n // CHUNK for n in LENGTHS)
+    assert damaged["damaged"] == sum(stored_chunks(n, CHUNK) for n in LENGTHS)
     # Every file was damaged: nothing loads, each bad file is discarded where a lookup reaches it.
     assert damaged["cached"] == [0] * len(LENGTHS)
     assert out["log"].count("discarding a bad chunk file") >= len(LENGTHS)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import directio_connector, run_engine, run_engines
+from tests.e2e.engines import directio_connector, run_engine, run_engines, stored_chunks, warm_hit
 from vllm_kvplugin.storage.format import HEADER_SIZE
 
 pytestmark = pytest.mark.e2e
@@ -85,7 +85,7 @@ def stored(tmp_path_factory, tiny_model):
     assert out["passes"][0]["cached"] == [0] * len(LENGTHS)
     assert "posix-odirect" in out["log"]  # the engine this machine's file system gets
     files = [[os.path.relpath(f, directory) for f in fs] for fs in out["passes"][0]["files"]]
-    assert [len(f) for f in files] == [n // CHUNK for n in LENGTHS]
+    assert [len(f) for f in files] == [stored_chunks(n, CHUNK) for n in LENGTHS]
     return directory, out["passes"][0]["tokens"], files
 
 
@@ -139,7 +139,7 @@ def test_recompute_policy_gives_the_cold_tokens_and_removes_every_damaged_file(s
     assert out["passes"][0]["tokens"] == stored[1]
     assert out["log"].count("discarding a bad chunk file") == len(victims["recompute"]) == 4  # detected: 4 of 4
     cached = out["passes"][0]["cached"]
-    assert cached[-1] == LENGTHS[-1] // CHUNK * CHUNK  # the intact prompt hits in full: warm from the files
+    assert cached[-1] == warm_hit(LENGTHS[-1])  # the intact prompt hits in full: warm from the files
     assert cached[DAMAGE.index("delete-all")] == 0
     print("fault injection, recompute policy: cached tokens per prompt", dict(zip(DAMAGE, cached)))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engines import all_ready, engine_env
+from tests.e2e.engines import BLOCK, all_ready, engine_env, warm_hit
 from tests.e2e.slow_tier import STORE_DELAY_S
 from tests.e2e.test_examples_run import scaled_example
 from tests.e2e.test_metrics import scrape
@@ -42,22 +42,23 @@ MAX_TOKENS = 8
 
 
 def workload() -> list[tuple[str, int]]:
-    """(prompt, prompt tokens incl. BOS): shared prefixes, suffixes of varied length, never a chunk multiple."""
+    """(prompt, prompt tokens incl. BOS): shared prefixes, suffixes of varied length, never a block multiple."""
     rng = random.Random(18)
     prefixes = [random_prompt(n, rng) for n in PREFIX_WORDS]
     prompts = []
     for i in range(REQUESTS):
         prefix_words = PREFIX_WORDS[i % len(PREFIX_WORDS)]
         suffix_words = rng.randrange(20, 420)
-        if (prefix_words + suffix_words + 1) % CHUNK == 0:
+        if (prefix_words + suffix_words + 1) % BLOCK == 0:
             suffix_words += 1
         prompts.append((prefixes[i % len(PREFIX_WORDS)] + " " + random_prompt(suffix_words, rng),
                         prefix_words + suffix_words + 1))
     return prompts
 
 
-def whole_chunks(tokens: int) -> int:
-    return tokens // CHUNK * CHUNK
+def handed_off(tokens: int) -> int:
+    """Every whole chunk and the tail's whole blocks (vllm_kvplugin.lmcache.block_tail)."""
+    return warm_hit(tokens)
 
 
 def chunk_files(directory: Path) -> set[Path]:
@@ -138,15 +139,15 @@ def test_every_reply_through_the_router_equals_the_colocated_server(runs):
         assert through_router["usage"]["completion_tokens"] == MAX_TOKENS
 
 
-def test_the_decode_server_loads_every_whole_chunk_the_slowed_prefill_server_handed_off(runs, servers):
-    """Each store was slowed past the prefill, yet every decode lookup found every whole chunk."""
+def test_the_decode_server_loads_every_whole_block_the_slowed_prefill_server_handed_off(runs, servers):
+    """Each store was slowed past the prefill, yet every decode lookup found every whole block it stored."""
     prompts, pd, _, pd_seconds = runs
     for (_, tokens), reply in zip(prompts, pd):
-        assert handoff_report(reply) == {"handed_off_tokens": whole_chunks(tokens),
-                                         "loaded_tokens": whole_chunks(tokens)}
+        assert handoff_report(reply) == {"handed_off_tokens": handed_off(tokens),
+                                         "loaded_tokens": handed_off(tokens)}
     assert pd_seconds > STORE_DELAY_S  # the slowed writes were on the requests' path
     _, consumer, _ = servers
-    assert counter_reaches(consumer, "hit_tokens", sum(whole_chunks(tokens) for _, tokens in prompts))
+    assert counter_reaches(consumer, "hit_tokens", sum(handed_off(tokens) for _, tokens in prompts))
 
 
 def test_the_router_reports_the_prefill_servers_cached_tokens(runs):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.engines import all_ready, engine_env
+from tests.e2e.engines import all_ready, engine_env, warm_hit
 from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.demo.model import random_prompt
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 
 CHUNK = 64
 PROMPT_WORDS = 400  # 401 tokens with BOS: 6 whole chunks
-EXPECTED_HIT = (PROMPT_WORDS + 1) // CHUNK * CHUNK
+EXPECTED_HIT = warm_hit(PROMPT_WORDS + 1)
 RECONNECT_TIMEOUT_S = 90
 OUTAGE_S = 10
 HANG_S = 15  # far longer than the tier's call timeout (1 s) and LMCache's blocking_timeout_secs (10)

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests.e2e.engines import run_engine
+from tests.e2e.engines import run_engine, stored_chunks, warm_hit
 
 pytestmark = pytest.mark.e2e
 
@@ -49,14 +49,14 @@ def test_tp2_hits_on_both_ranks_with_unchanged_greedy_tokens(tp2_runs):
     want = base["passes"][0]["tokens"]
     assert cached["passes"][0]["tokens"] == want
     assert cached["passes"][1]["tokens"] == want
-    assert cached["passes"][1]["cached"] == [n // 64 * 64 for n in LENGTHS]
+    assert cached["passes"][1]["cached"] == [warm_hit(n) for n in LENGTHS]
     # Both workers built a portable engine of their own (one per rank).
     assert cached["log"].count("LMCache engine built with the portable KV mover") == 2
 
 
 def test_tp1_engine_on_the_same_store_gets_no_hits_from_tp2_shards(tp2_runs, store, tmp_path_factory, tiny_model):
     shards = set(store.rglob("*.kvchunk"))
-    assert len(shards) == 2 * sum(n // 64 for n in LENGTHS)  # one file per chunk per rank
+    assert len(shards) == 2 * sum(stored_chunks(n, 64) for n in LENGTHS)  # one file per chunk per rank
     spec = {"model": tiny_model, "prompts": prompts(), "passes": 1, "kv_transfer_config": connector(store)}
     tp1 = run_engine(spec, tmp_path_factory.mktemp("tp1-kv"), "tp1-kv")
     assert tp1["passes"][0]["cached"] == [0, 0]

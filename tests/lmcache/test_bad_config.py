@@ -83,14 +83,12 @@ REFUSED = [
      "set lmcache.chunk_size to a multiple of 32"),
     ({"lmcache.chunk_size": 0}, UNSUPPORTED + "chunk_size=0: set lmcache.chunk_size to a positive multiple of 32"),
     ({"lmcache.chunk_size": -32}, UNSUPPORTED + "chunk_size=-32: set lmcache.chunk_size to a positive multiple of 32"),
-    ({"lmcache.save_unfull_chunk": True},
-     UNSUPPORTED + "save_unfull_chunk=True stores partial blocks; it must be False"),
     ({"lmcache.use_layerwise": "true"},
      UNSUPPORTED + "use_layerwise=True is not supported by the portable connector yet"),
     ({"lmcache.enable_blending": 1}, UNSUPPORTED + "enable_blending=True (CacheBlend) needs LMCache's CUDA kernels"),
-    ({"lmcache.chunk_size": 100, "lmcache.save_unfull_chunk": True},
+    ({"lmcache.chunk_size": 100, "lmcache.use_layerwise": True},
      UNSUPPORTED + "chunk_size=100 is not a multiple of vLLM's block_size=32: set lmcache.chunk_size to a multiple "
-     "of 32; save_unfull_chunk=True stores partial blocks; it must be False"),
+     "of 32; use_layerwise=True is not supported by the portable connector yet"),
 ]
 
 
@@ -118,6 +116,24 @@ def test_a_bad_remote_url_is_refused_without_echoing_it(monkeypatch):
     with pytest.raises(ValueError) as err:
         check_extra_config({"lmcache.remote_url": "redis://u:s3cret@h:6379"}, 32)
     assert str(err.value) == "lmcache.remote_url is not a valid Optional[str] for LMCache"
+
+
+def test_the_tail_is_stored_unless_save_unfull_chunk_is_set(monkeypatch, tmp_path):
+    """LMCache's default drops every partial chunk; the connector keeps it (as whole blocks, block_tail)
+    unless the user set the key in kv_connector_extra_config, LMCache's variable or its config file."""
+    monkeypatch.delenv("LMCACHE_SAVE_UNFULL_CHUNK", raising=False)
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    assert check_extra_config({}, 32).save_unfull_chunk is True
+    assert check_extra_config({"lmcache.save_unfull_chunk": "false"}, 32).save_unfull_chunk is False
+    monkeypatch.setenv("LMCACHE_SAVE_UNFULL_CHUNK", "False")
+    assert check_extra_config({}, 32).save_unfull_chunk is False
+    monkeypatch.delenv("LMCACHE_SAVE_UNFULL_CHUNK")
+    config_file = tmp_path / "lmcache.yaml"
+    config_file.write_text("chunk_size: 128\nsave_unfull_chunk: false\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config_file))
+    assert check_extra_config({}, 32).save_unfull_chunk is False
+    config_file.write_text("chunk_size: 128\n")
+    assert check_extra_config({}, 32).save_unfull_chunk is True
 
 
 def test_well_typed_strings_are_accepted_and_converted():

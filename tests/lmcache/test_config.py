@@ -26,7 +26,6 @@ def test_a_misspelt_plugin_key_names_itself_and_the_valid_ones():
     "settings, problem",
     [
         ({"chunk_size": 100}, "not a multiple of vLLM's block_size=32"),
-        ({"save_unfull_chunk": True}, "save_unfull_chunk"),
         ({"use_layerwise": True}, "use_layerwise"),
         ({"enable_blending": True}, "CacheBlend"),
         ({"local_disk": "file:///nvme/lmcache/", "max_local_disk_size": 5.0},

@@ -94,7 +94,7 @@ def test_paired_lmcache_yaml_gives_the_same_lmcache_settings(name, substitutions
     "change, problem",
     [
         ({"lmcache.chunk_size": 100}, "not a multiple of vLLM's block_size=32"),
-        ({"lmcache.save_unfull_chunk": True}, "save_unfull_chunk"),
+        ({"lmcache.use_layerwise": True}, "use_layerwise"),
         ({"kvplugin.directio.pth": "/x"}, "unknown kv_connector_extra_config key"),
     ],
 )

@@ -131,7 +131,7 @@ class _Engine:
 
 def run(
     workdir: Path,
-    lengths: Iterable[int] = (1024, 4096, 16384),
+    lengths: Iterable[int] = (1500, 2900, 6100, 16000),
     repeats: int = 3,
     ttft: bool = True,
     miss: bool = True,

@@ -11,8 +11,10 @@ with something else.
 from __future__ import annotations
 
 import difflib
+import os
 
 import torch
+import yaml
 from lmcache.integration.vllm.utils import lmcache_get_or_create_config
 from lmcache.v1.config import _CONFIG_DEFINITIONS, LMCacheEngineConfig, load_engine_config_with_overrides
 from lmcache.v1.config_base import validate_and_set_config_value
@@ -88,8 +90,24 @@ def apply_extra_config(config: LMCacheEngineConfig, extra: dict, block_size: int
     if mode is not None and mode not in SAVE_MODES:
         raise ValueError(f"{_SAVE_MODE_KEY} must be one of {', '.join(SAVE_MODES)}, got {mode!r}")
     handoff_timeout_s(extra)
+    if not _set_explicitly(_UNFULL_CHUNK, extra):
+        config.save_unfull_chunk = True  # the tail as whole blocks (vllm_kvplugin.lmcache.block_tail)
     check_supported(config, block_size)
     return config
+
+
+_UNFULL_CHUNK = "save_unfull_chunk"
+
+
+def _set_explicitly(name: str, extra: dict) -> bool:
+    """Whether the user set LMCache's ``name``: in ``kv_connector_extra_config``, a variable or the config file."""
+    if _EXTRA_PREFIX + name in extra or f"LMCACHE_{name.upper()}" in os.environ:
+        return True
+    path = os.environ.get("LMCACHE_CONFIG_FILE")
+    if not path:
+        return False
+    with open(path) as f:  # LMCache has read it already: it exists and parses
+        return name in (yaml.safe_load(f) or {})
 
 
 def _set_lmcache_value(config: LMCacheEngineConfig, key: str, value) -> None:
@@ -181,8 +199,6 @@ def check_supported(config: LMCacheEngineConfig, block_size: int) -> None:
             f"chunk_size={config.chunk_size} is not a multiple of vLLM's block_size={block_size}: "
             f"set lmcache.chunk_size to a multiple of {block_size}"
         )
-    if config.save_unfull_chunk:
-        problems.append("save_unfull_chunk=True stores partial blocks; it must be False")
     if config.use_layerwise:
         problems.append("use_layerwise=True is not supported by the portable connector yet")
     if config.enable_blending:
