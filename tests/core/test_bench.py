@@ -4,6 +4,8 @@
 No timing is asserted here (these machines are noisy); exactness and structure are.
 """
 
+import pytest
+
 from vllm_kvplugin.bench import report
 from vllm_kvplugin.bench.mover import KVShape, bench_mover
 from vllm_kvplugin.bench.serving import Floors, LengthResult, MissResult
@@ -45,11 +47,34 @@ def test_serving_report_and_plot(tmp_path):
     assert "| 1024 | 200 | 30 | 35 | 60 |" in table and "ExampleConnector failed: boom" in table
     assert "| 2.0 / 12.0 | 6.0x (yes) |" in table
     misses = report.miss_table(results, miss)
-    assert "| throughput, same batches | 100.00 tok/s | 99.00 tok/s | 0.990x | 101.00 tok/s | 1.010x | yes |" in misses
-    assert "| 10.20 ms | 1.020x | 11.20 ms | 1.120x | **no** |" in misses
+    assert "| throughput, same batches | 100.00 tok/s | 99.00 tok/s | 0.990x | 101.00 tok/s | 1.010x | yes / yes |" in misses
+    assert "| 10.20 ms | 1.020x | 11.20 ms | 1.120x | yes / **no** |" in misses
     assert "| P4: forward thread held by a storing step (median) | - | 5.00 ms | - | 0.10 ms | - | - |" in misses
     png = report.ttft_plot(results, tmp_path / "ttft.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_p3_is_judged_on_the_interval_of_paired_ratios_not_on_one_run():
+    from vllm_kvplugin.bench.paired import paired_ratio_ci
+
+    base = [0.30, 0.36, 0.31, 0.40, 0.33, 0.29, 0.35, 0.38, 0.32, 0.34] * 2  # noisy rounds
+    steady = paired_ratio_ci([b * 1.05 for b in base], base)  # 5% slower in every round, whatever the noise
+    assert steady.ratio == pytest.approx(1.05) and steady.low == pytest.approx(1.05) and steady.rounds == 20
+    assert steady.verdict(at_most=1.02) == "**no**"
+    within = paired_ratio_ci([b * (1.0 + (0.01 if i % 2 else -0.01)) for i, b in enumerate(base)], base)
+    assert within.low < 1.0 < within.high < 1.02 and within.verdict(at_most=1.02) == "yes"
+    straddling = paired_ratio_ci([b * (1.0 + (0.06 if i % 2 else -0.04)) for i, b in enumerate(base)], base)
+    assert straddling.low < 1.02 < straddling.high and straddling.verdict(at_most=1.02) == "not resolved"
+    assert within.verdict(at_least=0.98) == "yes"
+    with pytest.raises(ValueError):
+        paired_ratio_ci([1.0], [1.0])
+
+    names = ("no connector", "LMCachePortableConnector", "LMCachePortableConnector, async save")
+    miss = MissResult(dict.fromkeys(names, 0.3), dict.fromkeys(names, 100.0), dict.fromkeys(names, 0.01),
+                      ratio_ci={"ttft": {names[1]: within, names[2]: steady}})
+    row = next(line for line in report.miss_table([], miss).splitlines() if line.startswith("| mean TTFT"))
+    assert f"| {within} |" in row and f"| {steady} |" in row and row.endswith("| yes / **no** |")
+    assert "95% CI" in row and "20 rounds" in row
 
 
 def test_directio_bench_compares_with_dd_on_real_files(tmp_path):

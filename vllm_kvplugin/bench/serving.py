@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_kvplugin.bench.paired import RatioCI, paired_ratio_ci
 from vllm_kvplugin.demo.model import ModelShape, generate_model, random_prompt
 from vllm_kvplugin.demo.server import VllmServer
 
@@ -80,13 +81,19 @@ class Floors:
 
 @dataclass
 class MissResult:
-    """Fresh random prompts in flight together: what a connector costs when nothing hits."""
+    """Fresh random prompts in flight together: what a connector costs when nothing hits.
+
+    The dicts hold medians over rounds, per engine; ``ratio_ci`` the P3 verdict's
+    evidence: per measure, per connector, the paired per-round ratio to no
+    connector with its 95% interval (:mod:`vllm_kvplugin.bench.paired`).
+    """
 
     ttft_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: dict[str, float] = field(default_factory=dict)
     inter_token_s: dict[str, float] = field(default_factory=dict)
     # P4, connectors only: how long a step that stores held the forward thread in wait_for_save
     save_hold_s: dict[str, list[float]] = field(default_factory=dict)
+    ratio_ci: dict[str, dict[str, RatioCI]] = field(default_factory=dict)
 
 
 def engine_env() -> dict[str, str]:
@@ -234,9 +241,12 @@ def _floor(engine: _Engine, prompts) -> float:
     return statistics.median(srv.complete(prompts(64), max_tokens=1).ttft_s for _ in range(5))
 
 
-def _miss(servers: dict[str, VllmServer], prompts, count: int, out: MissResult, progress, rounds: int = 4) -> None:
-    """Rounds of ``count`` fresh 1K-token prompts at once (64 new tokens each), alternating engines;
-    then single long decodes, alternating too. Round 0 only warms kernels for new batch shapes."""
+def _miss(servers: dict[str, VllmServer], prompts, count: int, out: MissResult, progress, rounds: int = 20) -> None:
+    """Rounds of ``count`` fresh 1K-token prompts at once (64 new tokens each), then one long decode,
+    engine after engine, the order alternating. Round 0 only warms kernels for new batch shapes.
+
+    The first engine is the baseline: each connector's per-round ratios to it give the interval.
+    """
     ttfts = {name: [] for name in servers}
     rates = {name: [] for name in servers}
     steps = {name: [] for name in servers}
@@ -254,12 +264,16 @@ def _miss(servers: dict[str, VllmServer], prompts, count: int, out: MissResult, 
                 rates[name].append(sum(c.completion_tokens for c in done) / wall)
                 _settle()
                 steps[name].append(srv.complete(prompts(1024), max_tokens=128).inter_token_s)
+    base = order[0][0]
+    for measure, values in (("ttft", ttfts), ("throughput", rates), ("decode_step", steps)):
+        out.ratio_ci[measure] = {name: paired_ratio_ci(values[name], values[base]) for name in servers if name != base}
     for name in servers:
         out.ttft_s[name] = statistics.median(ttfts[name])
         out.tokens_per_s[name] = statistics.median(rates[name])
         out.inter_token_s[name] = statistics.median(steps[name])
         progress(f"miss ({name}): mean TTFT {out.ttft_s[name] * 1000:.0f} ms, "
-                 f"{out.tokens_per_s[name]:.1f} tok/s, decode step {out.inter_token_s[name] * 1000:.2f} ms")
+                 f"{out.tokens_per_s[name]:.1f} tok/s, decode step {out.inter_token_s[name] * 1000:.2f} ms"
+                 + "".join(f"; {m} vs {base} {cis[name]}" for m, cis in out.ratio_ci.items() if name in cis))
 
 
 def _ms(values: list[float]) -> str:
