@@ -31,7 +31,7 @@ from lmcache.logging import init_logger  # vLLM's logger drops INFO from modules
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 from vllm_kvplugin.lmcache.async_save import BackgroundSaver
-from vllm_kvplugin.lmcache.block_tail import LookupView, trim_to_whole_blocks, whole_block_tokens
+from vllm_kvplugin.lmcache.block_tail import LookupView, store_tails, whole_block_tokens
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.lmcache.engine import create_worker_engine
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
@@ -161,7 +161,8 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         """Engine core: LMCache's step metadata, plus which requests were kept, preempted and handed off."""
         kept, self._kept = frozenset(self._kept), set()
         lmcache_metadata = super().build_connector_meta(scheduler_output)
-        trim_to_whole_blocks(lmcache_metadata.requests, self._block_size)  # what the mover stores (block_tail)
+        store_tails(lmcache_metadata.requests, self._adapter._request_trackers,  # (block_tail)
+                    scheduler_output.num_scheduled_tokens, self._block_size)
         return PortableConnectorMetadata.extend(
             lmcache_metadata,
             kept=kept,

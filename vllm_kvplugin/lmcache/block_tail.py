@@ -15,8 +15,11 @@ and keeps every stored span on whole blocks, which is what the mover moves:
 * the engine core's lookup sees the request's tokens up to its last whole
   block (:class:`LookupView`), so the last, partial chunk LMCache looks up is
   the one it stored;
-* the worker stores a finished prefill up to its last whole block
-  (:func:`trim_to_whole_blocks` on each step's metadata).
+* the step that finishes a prompt stores it up to its last whole block
+  (:func:`store_tails` on each step's metadata): LMCache's spec is cut back to
+  whole blocks, and where LMCache stores nothing in that step (a prefill split
+  over several steps, or one that loaded chunks, stores only on chunk
+  boundaries after its first store) a spec for the tail is added.
 
 The partial chunk is keyed by its own tokens, so it serves the same prompt
 again (a repeated request, the decode instance of a PD pair); a longer prompt
@@ -28,6 +31,11 @@ what every worker stores.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from lmcache.integration.vllm.vllm_v1_adapter import ReqMeta, SaveSpec
 
 
 class LookupView:
@@ -45,6 +53,40 @@ class LookupView:
 
     def __getattr__(self, name: str):
         return getattr(self._request, name)
+
+
+def store_tails(requests: list, trackers: dict, scheduled: Iterable[str], block_size: int) -> None:
+    """Make this step's specs store each prompt it finishes up to its last whole block, and no further.
+
+    Args:
+        requests: LMCache's ``ReqMeta`` list of the step, changed in place.
+        trackers: LMCache's ``RequestTracker`` per request id (the engine core's adapter's).
+        scheduled: ids of the requests scheduled in the step.
+    """
+    specs = {r.req_id: r for r in requests}
+    for req_id in scheduled:
+        tracker = trackers.get(req_id)
+        if tracker is None or tracker.skip_save or (tracker.request_configs or {}).get("lmcache.skip_save"):
+            continue  # a consumer, or a request LMCache was told not to store
+        whole = whole_block_tokens(tracker.prompt_len, block_size)
+        if len(tracker.token_ids) < tracker.prompt_len or tracker.num_saved_tokens >= whole:
+            continue  # the prompt is not finished by this step, or its whole blocks are stored
+        spec = specs.get(req_id)
+        if spec is None:
+            requests.append(_tail_spec(tracker, whole, block_size))
+        elif not (spec.save_spec and spec.save_spec.can_save):  # loads only: store its tail as well
+            spec.save_spec = SaveSpec(tracker.num_saved_tokens, True)
+        tracker.num_saved_tokens = whole
+    trim_to_whole_blocks(requests, block_size)
+
+
+def _tail_spec(tracker, tokens: int, block_size: int) -> ReqMeta:
+    """A store of the prompt's first ``tokens`` (whole blocks) past what is stored, as LMCache writes one."""
+    blocks = torch.tensor(tracker.allocated_block_ids, dtype=torch.long)
+    slots = (torch.arange(block_size, dtype=torch.long)[None, :] + blocks[:, None] * block_size).flatten()
+    return ReqMeta(req_id=tracker.req_id, token_ids=list(tracker.token_ids[:tokens]), slot_mapping=slots[:tokens],
+                   is_last_prefill=True, save_spec=SaveSpec(tracker.num_saved_tokens, True),
+                   disagg_spec=tracker.disagg_spec, request_configs=tracker.request_configs)
 
 
 def trim_to_whole_blocks(requests, block_size: int) -> None:
