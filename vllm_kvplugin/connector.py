@@ -107,7 +107,9 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         """Scheduler: LMCache's lookup of the request's tokens up to its last whole block (block_tail)."""
         if not self._loads:
             return 0, False
-        return super().get_num_new_matched_tokens(LookupView(request, self._block_size), num_computed_tokens)
+        if self._stores_tails:
+            request = LookupView(request, self._block_size)
+        return super().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         """Worker: LMCache's load of the step's hits, whatever forward context the runner built.
@@ -161,8 +163,9 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         """Engine core: LMCache's step metadata, plus which requests were kept, preempted and handed off."""
         kept, self._kept = frozenset(self._kept), set()
         lmcache_metadata = super().build_connector_meta(scheduler_output)
-        store_tails(lmcache_metadata.requests, self._adapter._request_trackers,  # (block_tail)
-                    scheduler_output.num_scheduled_tokens, self._block_size)
+        if self._stores_tails:
+            store_tails(lmcache_metadata.requests, self._adapter._request_trackers,
+                        scheduler_output.num_scheduled_tokens, self._block_size)
         return PortableConnectorMetadata.extend(
             lmcache_metadata,
             kept=kept,
@@ -214,6 +217,12 @@ class LMCachePortableConnector(LMCacheConnectorV1Dynamic):
         if self._saver is not None:
             self._saver.close()  # queued stores complete: KV computed before shutdown is kept
         return super().shutdown()
+
+    @property
+    def _stores_tails(self) -> bool:
+        """Whether prompt tails are stored and looked up as whole blocks (block_tail): off where the user
+        set ``save_unfull_chunk: false``, LMCache's whole-chunks-only default."""
+        return self._adapter.config.save_unfull_chunk
 
     @property
     def _adapter(self):
