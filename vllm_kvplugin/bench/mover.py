@@ -16,6 +16,7 @@ import torch
 from vllm_kvplugin.bench.layouts import vllm_style_views
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.kv import PagedKVBlocks
+from vllm_kvplugin.kv.huge_pages import collapse
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ class MoverResult:
     load_ratio_hot: float
     layerwise_store: float = float("nan")  # the same blocks moved one layer at a time: time / whole
     layerwise_load: float = float("nan")
+    huge_pages: bool = False  # the KV buffer was collapsed to 2 MiB pages, as the worker does (kv.huge_pages)
+    shape_name: str = "8b"
+
+
+# Per-rank KV of models users serve (HF configs; TP splits KV heads): the mover must hold up on all of them.
+MODEL_SHAPES = {
+    "Llama-3.1-8B": KVShape(32, 8, 128),
+    "Llama-3.2-1B": KVShape(16, 8, 64),
+    "Qwen2.5-7B": KVShape(28, 4, 128),
+    "Gemma-2-9B": KVShape(42, 8, 256),
+    "Llama-3.1-70B, TP=8": KVShape(80, 1, 128),
+}
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -61,6 +74,8 @@ def bench_mover(
     cache_gib: float = 1.0,
     rounds: int = 100,
     word_dtypes: tuple[torch.dtype, ...] | None = None,
+    huge_pages: bool = True,
+    shape_name: str = "8b",
     progress: Callable[[str], None] = lambda msg: None,
 ) -> list[MoverResult]:
     """Time store and load of one LMCache chunk's blocks, interleaved with a ``copy_`` of as many bytes.
@@ -72,6 +87,10 @@ def bench_mover(
     into the same host buffer (the bytes come from memory, as the mover's do), and
     ``copy_`` between two fixed buffers (``*_hot``), which on a machine whose L3
     holds much of a chunk partly runs from cache.
+
+    ``huge_pages``: back the KV buffer with 2 MiB pages first, as the CPU worker
+    does with vLLM's cache (:mod:`vllm_kvplugin.kv.huge_pages`); False shows what
+    4 KiB pages cost.
     """
     ops = device_ops("cpu")
     words = word_dtypes if word_dtypes is not None else ops.word_dtypes()
@@ -82,6 +101,12 @@ def bench_mover(
             num_blocks = max(4 * chunk_tokens // block_size, int(cache_gib * 2**30) // (shape.layers * block))
             element = torch.empty(0, dtype=shape.dtype).element_size()
             buffer = torch.randint(-128, 128, (shape.layers * num_blocks * block,), dtype=torch.int8)
+            collapsed = False
+            if huge_pages:
+                try:
+                    collapsed = collapse(buffer.data_ptr(), buffer.nbytes) > 0
+                except OSError as e:
+                    progress(f"mover: KV buffer stays on small pages ({e.strerror})")
             views = vllm_style_views(
                 buffer.view(shape.dtype), layout, shape.layers, num_blocks, shape.kv_heads, block_size,
                 block // (shape.kv_heads * block_size * element),
@@ -119,8 +144,24 @@ def bench_mover(
                 MoverResult(
                     layout, block_size, blocks.mode, host.numel() / 2**20, host.numel() / med["copy"] / 1e9,
                     med["store"], med["load"], med["store_hot"], med["load_hot"],
-                    med["layerwise_store"], med["layerwise_load"],
+                    med["layerwise_store"], med["layerwise_load"], collapsed, shape_name,
                 )
             )
-            progress(f"mover {layout} block {block_size}: store {results[-1].store_ratio:.0%}, load {results[-1].load_ratio:.0%} of copy_")
+            progress(f"mover {shape_name} {layout} block {block_size}: store {results[-1].store_ratio:.0%}, load {results[-1].load_ratio:.0%} of copy_")
     return results
+
+
+def bench_mover_shapes(
+    shapes: dict[str, KVShape] = MODEL_SHAPES,
+    layouts: Iterable[str] = ("LBHNC", "BLHNC", "LHBNC"),
+    block_sizes: Iterable[int] = (16, 32, 64, 128),
+    rounds: int = 50,
+    cache_gib: float = 1.0,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> list[MoverResult]:
+    """:func:`bench_mover` over the KV shapes of :data:`MODEL_SHAPES` and vLLM's block sizes."""
+    return [
+        r for name, shape in shapes.items()
+        for r in bench_mover(layouts, block_sizes, shape, rounds=rounds, cache_gib=cache_gib, shape_name=name,
+                              progress=progress)
+    ]

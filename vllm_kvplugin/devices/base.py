@@ -46,6 +46,9 @@ class DeviceOps:
         """
         return None
 
+    def prepare_kv_memory(self, kv_tensors: list[torch.Tensor], log) -> None:
+        """Once, when vLLM registers its KV caches: make their memory fast to move blocks from. Nothing by default."""
+
     def pin_memory_available(self) -> bool:
         """Whether host buffers for this device should be page-locked."""
         return False

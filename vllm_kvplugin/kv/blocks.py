@@ -21,8 +21,12 @@ How a move is done (:class:`PagedKVBlocks` picks the first that applies):
   rows: plane-major rows ``[P*B, block]`` for ``LB**`` layouts (host order
   ``[P, n, block]``), block-major rows ``[B, P*block]`` for ``BL**`` layouts,
   where a block is contiguous across all layers (host order ``[n, P, block]``).
-* **strided** — equally spaced planes whose blocks are not dense (``LHBNC``,
-  ``BHLNC``): one batched op over a ``[P, B, ...]`` view; host order ``[P, n, ...]``.
+* **strided rows** — equally spaced planes whose blocks are not dense but made of
+  equal dense runs (``LHBNC``, ``BHLNC``: one run per head) spaced by whole runs:
+  the cache is then a table of runs, and a move is one ``index_select``/``index_copy_``
+  of the runs ``[P, n, heads...]`` of the blocks; host order ``[P, n, ...]``.
+* **strided** — other equally spaced planes whose blocks are not dense: one
+  batched ``aten::index`` over a ``[P, B, ...]`` view; host order ``[P, n, ...]``.
 * **per plane** — anything else (e.g. vllm-gaudi's separately allocated K and
   V): one op per plane into consecutive host segments.
 
@@ -137,6 +141,12 @@ class PagedKVBlocks:
         self._cache: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         # Row offset of each plane in plane-major rows; built once, not per move.
         self._plane_rows = torch.arange(self.num_planes, device=self.device)[:, None] * self.num_blocks
+        if self.mode == "strided rows":  # run index of block 0 per [plane, 1, outer dims...], and a block's stride
+            _, row_strides = self._run_rows_plan(self._fused)
+            sizes = [1 if d == 1 else size for d, size in enumerate(self._fused.shape[: len(row_strides)])]
+            grids = torch.meshgrid(*(torch.arange(size, device=self.device) for size in sizes), indexing="ij")
+            self._run_base = sum(grid * stride for grid, stride in zip(grids, row_strides))
+            self._run_block_stride = row_strides[1]
 
     @property
     def num_planes(self) -> int:
@@ -188,15 +198,28 @@ class PagedKVBlocks:
         fused = self._fused
         if fused is None:
             return "per-plane"
-        if not _is_dense(fused, 2):
-            return "strided"
         num_planes, num_blocks, block = fused.shape[0], fused.shape[1], fused[0, 0].numel()
         plane_stride, block_stride = fused.stride(0), fused.stride(1)
-        if block_stride == block and (num_planes == 1 or plane_stride == num_blocks * block_stride):
-            return "plane-major rows"
-        if block_stride == num_planes * plane_stride and plane_stride == block:
-            return "block-major rows"
-        return "strided"
+        if _is_dense(fused, 2):
+            if block_stride == block and (num_planes == 1 or plane_stride == num_blocks * block_stride):
+                return "plane-major rows"
+            if block_stride == num_planes * plane_stride and plane_stride == block:
+                return "block-major rows"
+        return "strided rows" if self._run_rows_plan(fused) is not None else "strided"
+
+    @staticmethod
+    def _run_rows_plan(fused: torch.Tensor) -> tuple[int, list[int]] | None:
+        """``(run, row strides of the dims before it)`` where ``fused`` is a table of dense runs, else None.
+
+        The run is the longest dense suffix of ``fused`` (``[P, B, d2.., run dims]``);
+        it is a row table if every outer stride is a whole number of runs.
+        """
+        first = next(d for d in range(2, fused.dim() + 1) if _is_dense(fused, d))
+        run = fused[(0,) * first].numel()
+        strides = fused.stride()[:first]
+        if first == fused.dim() or any(s < 0 or s % run for s in strides):
+            return None
+        return run, [s // run for s in strides]
 
     def _device_views(self, word: torch.dtype) -> tuple[torch.Tensor, ...] | None:
         """The KV side of a move as ``word`` elements: rows, the fused view, or the planes."""
@@ -206,6 +229,10 @@ class PagedKVBlocks:
                 views = (self._cut(_word_view(fused.view(fused.shape[0] * fused.shape[1], -1), word)),)
             elif self.mode == "block-major rows":  # [B, P*block]
                 views = (self._cut(_word_view(fused.transpose(0, 1).view(fused.shape[1], -1), word)),)
+            elif self.mode == "strided rows":  # [runs, run] from the fused view's first byte
+                run, row_strides = self._run_rows_plan(fused)
+                rows = sum((size - 1) * stride for size, stride in zip(fused.shape, row_strides)) + 1
+                views = (self._cut(_word_view(torch.as_strided(fused, (rows, run), (run, 1)), word)),)
             elif self.mode == "strided":
                 views = (_word_view(self._fused, word),)
             else:
@@ -231,6 +258,10 @@ class PagedKVBlocks:
         elif self.mode == "block-major rows":
             (rows,) = views
             yield self._row_move(rows, block_ids, host_words)
+        elif self.mode == "strided rows":
+            (rows,) = views
+            ids = block_ids.view(1, n, *[1] * (self._run_base.dim() - 2))
+            yield self._row_move(rows, (self._run_base + ids * self._run_block_stride).flatten(), host_words)
         elif self.mode == "strided":
             (fused,) = views
             yield fused, 1, block_ids, host_words.view(fused.shape[0], n, *fused.shape[2:])

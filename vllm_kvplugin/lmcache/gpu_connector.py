@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from lmcache.logging import init_logger
 from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 from lmcache.v1.metadata import LMCacheMetadata
@@ -27,6 +28,8 @@ from lmcache.v1.metadata import LMCacheMetadata
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.kv import PagedKVBlocks
 from vllm_kvplugin.kv.blocks import flatten_planes
+
+logger = init_logger(__name__)
 
 
 def _memory_of(kv_caches) -> tuple:
@@ -185,6 +188,7 @@ class PortableGPUConnector(GPUConnectorInterface):
                 f"{expected} ({tuple(self.get_shape(self.block_size))}); the model's KV shape is not "
                 "one this connector understands"
             )
+        ops.prepare_kv_memory(flatten_planes(kv_caches), logger.info)
         return self.blocks
 
     def _element_size(self) -> int:
