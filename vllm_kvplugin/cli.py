@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft", "pd")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft", "pd", "context")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     # Off LMCache's 256-token chunk grid, as users' prompts are (a multiple of the chunk never pays the tail).
     bench.add_argument("--lengths", type=int, nargs="+", default=[1500, 2900, 6100, 16000],
                        help="prompt tokens of the serving benchmarks (ttft, mp-ttft)")
+    bench.add_argument("--context-lengths", type=int, nargs="+", default=[32768, 65536, 131072],
+                       help="prompt tokens of the long-context benchmark (context); its longest cold prefill "
+                       "takes minutes on two cores and is measured once")
     bench.add_argument("--repeats", type=int, default=3)
     doctor = sub.add_parser("doctor", help="check this host and a KV config for KV reuse (starts no engine)")
     doctor.add_argument("--kv-transfer-config", metavar="JSON", help="the JSON given to vllm serve")
@@ -73,7 +76,8 @@ def run_pd_demo(workdir: Path) -> int:
 
 
 def run_bench(which: set[str], args) -> int:
-    """Run the chosen benchmarks, print Markdown, write ``bench.md`` (and ``ttft.png``) under ``--out``."""
+    """Run the chosen benchmarks, print Markdown, write ``bench.md`` (and ``ttft.png``, ``context.png``) under
+    ``--out``."""
     from vllm_kvplugin.bench import report
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +91,7 @@ def run_bench(which: set[str], args) -> int:
         from vllm_kvplugin.bench import mover
 
         sections.append(report.mover_table(mover.bench_mover(progress=progress)))
+        sections.append(report.mover_shapes_table(mover.bench_mover_shapes(progress=progress)))
     if which & {"ttft", "miss"}:
         from vllm_kvplugin.bench import serving
 
@@ -126,6 +131,13 @@ def run_bench(which: set[str], args) -> int:
         from vllm_kvplugin.bench import pd
 
         sections.append(pd.pd_table(pd.run(args.out / "pd", repeats=args.repeats, progress=progress)))
+    if "context" in which:
+        from vllm_kvplugin.bench import context
+
+        result = context.run(args.out / "context", args.context_lengths, args.repeats, progress=progress)
+        sections.append(context.context_table(result))
+        plot = context.context_plot(result, args.out / "context.png")
+        sections.append(f"![Long-context TTFT per KV tier]({plot.name})")
     text = "\n\n".join(sections) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)

@@ -18,10 +18,21 @@ def test_mover_bench_reports_every_layout_and_block_size():
     )
     assert [(r.layout, r.block_size) for r in results] == [
         ("LBHNC", 16), ("LBHNC", 32), ("BLHNC", 16), ("BLHNC", 32), ("LHBNC", 16), ("LHBNC", 32)]
-    assert {r.mode for r in results} == {"plane-major rows", "block-major rows", "strided"}
+    assert {r.mode for r in results} == {"plane-major rows", "block-major rows", "strided rows"}
     assert all(r.store_ratio > 0 and r.load_ratio > 0 and r.copy_gbps > 0 for r in results)
     assert all(r.layerwise_store > 0 and r.layerwise_load > 0 for r in results)
     assert "| LBHNC | 16 | plane-major rows |" in report.mover_table(results)
+
+
+def test_mover_shapes_table_has_a_row_per_shape_and_layout():
+    from vllm_kvplugin.bench.mover import bench_mover_shapes
+
+    shapes = {"tiny": KVShape(layers=2, kv_heads=1, head_size=16), "wide": KVShape(layers=1, kv_heads=4, head_size=32)}
+    results = bench_mover_shapes(shapes, layouts=("LBHNC", "LHBNC"), block_sizes=(16, 32), rounds=2, cache_gib=0.01)
+    assert [(r.shape_name, r.layout, r.block_size) for r in results] == [
+        (s, layout, b) for s in shapes for layout in ("LBHNC", "LHBNC") for b in (16, 32)]
+    table = report.mover_shapes_table(results)
+    assert table.count("| tiny |") == 2 and table.count("| wide |") == 2 and "| block 16 | block 32 |" in table
 
 
 def test_context_scaling_round_trips_bit_exact_through_lmcache():
@@ -76,6 +87,16 @@ def test_p3_is_judged_on_the_interval_of_paired_ratios_not_on_one_run():
     assert f"| {within} |" in row and f"| {steady} |" in row and row.endswith("| yes / **no** |")
     assert "95% CI" in row and "20 rounds" in row
 
+    control = "no connector, second engine"  # the A/A control is shown beside the connectors, never judged
+    miss = MissResult(dict.fromkeys((*names, control), 0.3), dict.fromkeys((*names, control), 100.0),
+                      dict.fromkeys((*names, control), 0.01),
+                      ratio_ci={"ttft": {names[1]: within, names[2]: within, control: steady}})
+    table = report.miss_table([LengthResult(1024, [0.2], [0.03], [0.21])], miss)
+    assert "| A/A control: 2nd engine, no connector | ratio | within target |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| mean TTFT"))
+    assert row.endswith(f"| {steady} | yes / yes |")
+    assert "| TTFT, one fresh 1024-token prompt (stores it) | 200 ms | 210 ms | 1.050x | - | - | - | - | **no** |" in table
+
 
 def test_directio_bench_compares_with_dd_on_real_files(tmp_path):
     from vllm_kvplugin.bench import directio
@@ -113,3 +134,46 @@ def test_pd_table_reports_ratios_to_colocated_and_output_equality():
     table = pd_table([colocated, ours])
     assert "| colocated, no connector | 200 (200–200) | 10.0 (10.0–10.0) | 32.0 (32.0–32.0) | 1.00x (1.00–1.00) | 3/3 | 0 | — |" in table
     assert "| PD, LMCachePortableConnector | 200 (200–200) | 20.0 (20.0–20.0) | 16.0 (16.0–16.0) | 0.50x (0.50–0.50) | 1/3 | 1 | 768 |" in table
+
+
+def _context_result():
+    from vllm_kvplugin.bench.context import ContextResult, ContextRow
+
+    gib = 2**30
+    rows = [
+        ContextRow(131072, "cold", [200.0], peak_rss=(6 * gib, 4 * gib)),
+        ContextRow(131072, "cpu", [0.30, 0.25, 0.35], [131040] * 3, [0.1, 0.1, 0.1], [], (6 * gib, 4 * gib)),
+        # 131040 tokens x 4096 B = 0.537 GB in 0.5 s = 1.07 GB/s; raw 1.0-1.2 GB/s
+        ContextRow(131072, "disk", [1.0, 2.0, 4.0], [131040] * 3, [0.5, 0.5, 0.5], [1.0, 1.2, 1.1], (5 * gib, 3 * gib)),
+        ContextRow(131072, "redis", [1.0], [4096], [0.5], [2.0], (5 * gib, 3 * gib)),
+    ]
+    return ContextResult(rows, bytes_per_token=4096, io_engine="posix-odirect", floor_s=0.02)
+
+
+def test_context_table_reports_speedup_ratio_and_goals():
+    from vllm_kvplugin.bench.context import context_table, kv_bytes_per_token, vm_hwm_bytes
+    from vllm_kvplugin.bench.serving import BENCH_SHAPE
+
+    result = _context_result()
+    disk = result.row(131072, "disk")
+    assert result.load_gbps(disk) == pytest.approx([131040 * 4096 / 0.5 / 1e9] * 3)
+    assert result.load_ratios(disk) == pytest.approx([1.07341 / 1.0, 1.07341 / 1.2, 1.07341 / 1.1], rel=1e-4)
+    lines = {line.split(" | ")[2]: line for line in context_table(result).splitlines() if line.startswith("| 131072 |")}
+    assert lines["cold prefill"] == ("| 131072 | 512 | cold prefill | 200000 (200000–200000) | 1 | - | - | - | - | - "
+                                     "| 6.0 (4.0) |")
+    # cold / median warm = 200 / 2 = 100x: the disk goal at 128K is met; the ratio's median 98% passes 90%
+    assert ("| direct-I/O tier, after a restart | 2000 (1000–4000) | 3 | 100x (yes) | 131040 | 1.07 (1.07–1.07) "
+            "| 1.10 (1.00–1.20) | 98% (89%–107%) (yes) | 5.0 (3.0) |") in lines["direct-I/O tier, after a restart"]
+    assert "| 667x | 131040 | 5.37 (5.37–5.37) | - | - |" in lines["LMCache CPU tier"]  # no goal, no raw
+    redis = lines["Redis tier, after a restart"]
+    assert "| 200x | 4096 (**fewer than the CPU tier**) |" in redis and "| 2% (2%–2%) (**no**) |" in redis
+    assert kv_bytes_per_token(BENCH_SHAPE) == 4096  # 4 layers x K,V x 2 heads x 64 x float32
+    assert vm_hwm_bytes("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t1024 kB\n") == 2 * 2**20
+    assert vm_hwm_bytes("Name:\tkthread\n") == 0
+
+
+def test_context_plot(tmp_path):
+    from vllm_kvplugin.bench.context import context_plot
+
+    png = context_plot(_context_result(), tmp_path / "context.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

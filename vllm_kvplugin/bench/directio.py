@@ -59,6 +59,16 @@ def _drop(path: Path) -> None:
         f.unlink()
 
 
+def dd_direct(op: str, path: Path, block_bytes: int, count: int) -> None:
+    """dd's best case: one process, one file, ``count`` direct I/Os of ``block_bytes``
+    (``op`` "write": from /dev/zero with ``oflag=direct``; "read": to /dev/null with ``iflag=direct``)."""
+    dd = ["dd", f"bs={block_bytes}", f"count={count}", "status=none"]
+    if op == "write":
+        subprocess.run([*dd, "if=/dev/zero", f"of={path}", "oflag=direct"], check=True)
+    else:
+        subprocess.run([*dd, f"if={path}", "of=/dev/null", "iflag=direct"], check=True)
+
+
 def available_engines(directory: Path):
     """``({name: engine}, {name: why not})`` for the engines this machine can run on ``directory``."""
     from vllm_kvplugin.storage.nixl_io import NixlUnavailable, open_nixl_io
@@ -89,14 +99,10 @@ def run(directory: Path, chunk_mib: int = 32, chunks: int = 16, rounds: int = 6,
     payload = os.urandom(chunk_mib << 20)
     header = encode_header(ChunkHeader("k", "int8", (len(payload),), "", len(payload), crc32c(payload)))
     total = chunks * len(payload)
-    # dd's best case: one process, one file, the same bytes in chunk-sized direct I/Os.
-    dd = ["dd", f"bs={chunk_mib}M", f"count={chunks}", "status=none"]
 
     def step(op: str, name: str, d: Path) -> Callable[[], object]:
-        if name == "dd" and op == "write":
-            return lambda: subprocess.run([*dd, "if=/dev/zero", f"of={d / 'all'}", "oflag=direct"], check=True)
         if name == "dd":
-            return lambda: subprocess.run([*dd, f"if={d / 'all'}", "of=/dev/null", "iflag=direct"], check=True)
+            return lambda: dd_direct(op, d / "all", len(payload), chunks)
         io = engines[name]
         if op == "write":
             return lambda: [io.write(str(d / f"c{i}"), header, memoryview(payload)) for i in range(chunks)]

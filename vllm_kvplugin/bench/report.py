@@ -9,7 +9,9 @@ from pathlib import Path
 from vllm_kvplugin.bench.directio import DirectIOResult
 from vllm_kvplugin.bench.mover import MoverResult
 from vllm_kvplugin.bench.scaling import ScalingResult
-from vllm_kvplugin.bench.serving import BASE_NAME, OURS_ASYNC_NAME, OURS_NAME, Floors, LengthResult, MissResult
+from vllm_kvplugin.bench.serving import (
+    BASE_NAME, CONTROL_NAME, OURS_ASYNC_NAME, OURS_NAME, Floors, LengthResult, MissResult,
+)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -22,6 +24,10 @@ def _pass(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _pages(results: list[MoverResult]) -> str:
+    return "2 MiB" if all(r.huge_pages for r in results) else "4 KiB" if not any(r.huge_pages for r in results) else "mixed"
+
+
 def mover_table(results: list[MoverResult]) -> str:
     rows = [
         [r.layout, str(r.block_size), r.mode, f"{r.chunk_mib:.0f}", f"{r.copy_gbps:.1f}",
@@ -29,9 +35,26 @@ def mover_table(results: list[MoverResult]) -> str:
          _pass(min(r.store_ratio, r.load_ratio) >= 0.9), f"{r.layerwise_store:.2f}x / {r.layerwise_load:.2f}x"]
         for r in results
     ]
-    return "**P1 — KV mover vs `copy_`** (Llama-3.1-8B KV: 32 layers, 8 KV heads, head 128, bf16; 256-token chunks)\n\n" + _table(
+    return ("**P1 — KV mover vs `copy_`** (Llama-3.1-8B KV: 32 layers, 8 KV heads, head 128, bf16; 256-token chunks; "
+            f"KV buffer on {_pages(results)} pages)\n\n") + _table(
         ["layout", "block", "mode", "chunk MiB", "copy_ GB/s", "store", "load", "store (hot copy_)",
          "load (hot copy_)", "≥ 90%", "one layer per call: store / load time"], rows)
+
+
+def mover_shapes_table(results: list[MoverResult]) -> str:
+    """One row per model shape and layout, store / load as a fraction of ``copy_`` per block size."""
+    blocks = sorted({r.block_size for r in results})
+    by_row: dict[tuple[str, str], dict[int, MoverResult]] = {}
+    for r in results:
+        by_row.setdefault((r.shape_name, r.layout), {})[r.block_size] = r
+    rows = []
+    for (shape, layout), cells in by_row.items():
+        worst = min(min(c.store_ratio, c.load_ratio) for c in cells.values())
+        rows.append([shape, layout, *(f"{cells[b].store_ratio:.0%} / {cells[b].load_ratio:.0%}" if b in cells else "-"
+                                      for b in blocks), f"{worst:.0%}", _pass(worst >= 0.9)])
+    return (f"**P1 across model shapes** (per-rank KV, bf16, 256-token chunks, KV buffer on {_pages(results)} pages; "
+            "store / load as a fraction of `copy_`, median over rounds)\n\n") + _table(
+        ["model (KV per rank)", "layout", *(f"block {b}" for b in blocks), "worst", "≥ 90%"], rows)
 
 
 def _med(values: list[float]) -> float:
@@ -63,14 +86,17 @@ def ttft_table(results: list[LengthResult], floors: Floors) -> str:
 
 
 def miss_table(results: list[LengthResult], miss: MissResult) -> str:
+    connectors = [n for n in (OURS_NAME, OURS_ASYNC_NAME) if n in miss.ttft_s]
+    # The A/A control (a second engine without a connector) shows what this machine resolves between two
+    # identical engines; it is reported, not judged.
+    columns = (connectors or [OURS_NAME, OURS_ASYNC_NAME]) + [CONTROL_NAME] * (CONTROL_NAME in miss.ttft_s)
     rows = []
     for r in results:
         if r.cold_s and r.ours_cold_s:
             ratio = _med(r.ours_cold_s) / _med(r.cold_s)
             rows.append([f"TTFT, one fresh {r.tokens}-token prompt (stores it)",
                          f"{_med(r.cold_s) * 1000:.0f} ms", f"{_med(r.ours_cold_s) * 1000:.0f} ms",
-                         f"{ratio:.3f}x", "-", "-", _pass(ratio <= 1.02)])
-    connectors = [n for n in (OURS_NAME, OURS_ASYNC_NAME) if n in miss.ttft_s]
+                         f"{ratio:.3f}x", *["-"] * (2 * len(columns) - 2), _pass(ratio <= 1.02)])
     if BASE_NAME in miss.ttft_s and connectors:
         # (label, medians, scale, unit, P3/P4 bound, key of the paired-ratio intervals)
         measures = [("mean TTFT, 8 fresh 1K prompts in flight", miss.ttft_s, 1000, "ms", {"at_most": 1.02}, "ttft"),
@@ -80,28 +106,29 @@ def miss_table(results: list[LengthResult], miss: MissResult) -> str:
         for label, values, scale, unit, bound, key in measures:
             row = [label, f"{values[BASE_NAME] * scale:.2f} {unit}"]
             verdicts = []
-            for name in (OURS_NAME, OURS_ASYNC_NAME):
-                if name not in values:
-                    row += ["-", "-"]
-                    continue
+            for name in columns:
                 ci = miss.ratio_ci.get(key, {}).get(name)
                 if ci is None:  # no paired rounds: the ratio of medians, judged as a point
                     ratio = values[name] / values[BASE_NAME]
                     ok = ratio <= bound["at_most"] if "at_most" in bound else ratio >= bound["at_least"]
                     row += [f"{values[name] * scale:.2f} {unit}", f"{ratio:.3f}x"]
-                    verdicts.append(_pass(ok))
+                    verdict = _pass(ok)
                 else:
                     row += [f"{values[name] * scale:.2f} {unit}", str(ci)]
-                    verdicts.append(ci.verdict(**bound))
+                    verdict = ci.verdict(**bound)
+                if name != CONTROL_NAME:
+                    verdicts.append(verdict)
             rows.append(row + [" / ".join(verdicts)])
     if miss.save_hold_s:
         row = ["P4: forward thread held by a storing step (median)", "-"]
-        for name in (OURS_NAME, OURS_ASYNC_NAME):
+        for name in columns:
             held = miss.save_hold_s.get(name)
             row += [f"{_med(held) * 1000:.2f} ms" if held else "-", "-"]
         rows.append(row + ["-"])
-    return "**P3/P4 — cost when nothing hits**\n\n" + _table(
-        ["measure", "no connector", "ours (sync save)", "ratio", "ours (async save)", "ratio", "within target"], rows)
+    titles = {OURS_NAME: "ours (sync save)", OURS_ASYNC_NAME: "ours (async save)",
+              CONTROL_NAME: "A/A control: 2nd engine, no connector"}
+    headers = [h for name in columns for h in (titles[name], "ratio")]
+    return "**P3/P4 — cost when nothing hits**\n\n" + _table(["measure", "no connector", *headers, "within target"], rows)
 
 
 def scaling_table(results: list[ScalingResult]) -> str:
@@ -113,10 +140,14 @@ def scaling_table(results: list[ScalingResult]) -> str:
          "bit-exact", "peak RSS +MiB", "KV buffer + tier MiB"], rows)
 
 
-def directio_table(r: DirectIOResult) -> str:
-    def spread(values: list[float], fmt: str) -> str:
-        return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+def spread(values: list[float], fmt: str) -> str:
+    """``median (min–max)`` of ``values``, each formatted with ``fmt``; "-" if there are none."""
+    if not values:
+        return "-"
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
+
+def directio_table(r: DirectIOResult) -> str:
     rows = [[e.engine, op, spread(getattr(e, f"{op}_gbps"), "{:.2f}"), spread(getattr(r, f"dd_{op}_gbps"), "{:.2f}"),
              spread(getattr(e, f"{op}_ratio"), "{:.2f}x"), _pass(statistics.median(getattr(e, f"{op}_ratio")) >= 0.9)]
             for e in r.engines for op in ("write", "read")]

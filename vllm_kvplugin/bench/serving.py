@@ -42,19 +42,28 @@ EXAMPLE = {"kv_connector": "TimedExampleConnector", "kv_connector_module_path": 
 
 
 BASE_NAME, OURS_NAME, OURS_ASYNC_NAME = "no connector", "LMCachePortableConnector", "LMCachePortableConnector, async save"
+# A/A control for P3: a second, identical engine without a connector. Two engines side by side differ by
+# more than 2% on this VM (where each one's memory and threads land); its interval is that floor.
+CONTROL_NAME = "no connector, second engine"
 
 LOAD_LOG_ENV = "KVPLUGIN_BENCH_LOAD_LOG"  # read by vllm_kvplugin.bench.timed in the worker
 
 
-def read_new_times(path: str, seen: int, kind: str = "load_s") -> tuple[list[float], int]:
-    """Times of ``kind`` (``load_s``, ``save_s``) the worker appended since line ``seen``, and the new line count."""
+def read_new_records(path: str, seen: int) -> tuple[list[dict], int]:
+    """The records (``{"load_s": ...}``, ...) the worker appended since line ``seen``, and the new line count."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return [], seen
-    records = (json.loads(line) for line in lines[seen:])
-    return [r[kind] for r in records if kind in r], len(lines)
+    return [json.loads(line) for line in lines[seen:]], len(lines)
+
+
+def read_new_times(path: str, seen: int, kind: str = "load_s") -> tuple[list[float], int]:
+    """Times of ``kind`` (``load_s``, ``save_s``, ``lookup_s``) the worker appended since line ``seen``, and the new
+    line count."""
+    records, seen = read_new_records(path, seen)
+    return [r[kind] for r in records if kind in r], seen
 
 
 @dataclass
@@ -128,6 +137,11 @@ class _Engine:
         times, self._seen = read_new_times(self._loads, self._seen, kind)
         return times
 
+    def new_records(self) -> list[dict]:
+        """Every record the worker logged since the last call, whatever its kind."""
+        records, self._seen = read_new_records(self._loads, self._seen)
+        return records
+
     def warm(self, prompt: str) -> tuple[float, float, int]:
         """Drop vLLM's prefix cache, resend ``prompt``: (TTFT, KV load seconds, cached tokens)."""
         self.server.reset_prefix_cache()
@@ -169,11 +183,12 @@ def run(
 
     with tempfile.TemporaryDirectory(dir=workdir) as store, ExitStack() as stack:
         progress("starting vllm serve: no connector, LMCachePortableConnector" + (", ExampleConnector" if ttft else "")
-                 + (", LMCachePortableConnector with async saves" if miss else ""))
+                 + (", LMCachePortableConnector with async saves, a second engine without connector" if miss else ""))
         base, ours = start("no-connector", None), start("lmcache-portable", OURS)
         example = start("example-connector", EXAMPLE | {"kv_connector_extra_config": {"shared_storage_path": store}}) if ttft else None
         ours_async = start("lmcache-portable-async", OURS_ASYNC) if miss else None
-        engines = [e for e in (base, ours, example, ours_async) if e is not None]
+        control = start("no-connector-control", None) if miss else None
+        engines = [e for e in (base, ours, example, ours_async, control) if e is not None]
         for e in engines:  # stop every server on the way out, even if another never came up
             stack.callback(e.server.stop)
         for e in engines:
@@ -214,8 +229,9 @@ def run(
             connectors = {OURS_NAME: ours, OURS_ASYNC_NAME: ours_async}
             for engine in connectors.values():
                 engine.new_times("save_s")  # only the miss rounds' stores count below
-            _miss({BASE_NAME: base.server} | {name: e.server for name, e in connectors.items()},
-                  prompts, miss_prompts, miss_result, progress)
+            _floor(control, prompts)
+            _miss({BASE_NAME: base.server} | {name: e.server for name, e in connectors.items()}
+                  | {CONTROL_NAME: control.server}, prompts, miss_prompts, miss_result, progress)
             for name, engine in connectors.items():
                 miss_result.save_hold_s[name] = engine.new_times("save_s")
                 progress(f"P4 ({name}): a storing step held the forward thread {_ms(miss_result.save_hold_s[name])} "

@@ -137,6 +137,11 @@ class OpenAIChild:
             start_new_session=True,
         )
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (its engine processes are its descendants)."""
+        return self._proc.pid
+
     def __enter__(self):
         self.wait_ready()
         return self

@@ -28,10 +28,10 @@ class CpuOps(DeviceOps):
         return 32767
 
     def prepare_kv_memory(self, kv_tensors: list[torch.Tensor], log) -> None:
-        """Huge pages under the KV cache, on a background thread (:mod:`vllm_kvplugin.kv.huge_pages`)."""
-        from vllm_kvplugin.kv.huge_pages import collapse_in_background
+        """Huge pages under the KV cache (:mod:`vllm_kvplugin.kv.huge_pages`)."""
+        from vllm_kvplugin.kv.huge_pages import back_with_huge_pages
 
-        collapse_in_background(kv_tensors, log)
+        back_with_huge_pages(kv_tensors, log)
 
     def synchronize(self) -> None:
         """Nothing to wait for: CPU copies finish before they return."""
