@@ -90,7 +90,8 @@ def run_bench(which: set[str], args) -> int:
     if "mover" in which:
         from vllm_kvplugin.bench import mover
 
-        sections.append(report.mover_table(mover.bench_mover(progress=progress)))
+        sections.append(report.mover_table([r for huge in (False, True)  # the default, then kvplugin.huge_pages
+                                            for r in mover.bench_mover(huge_pages=huge, progress=progress)]))
         sections.append(report.mover_shapes_table(mover.bench_mover_shapes(progress=progress)))
     if which & {"ttft", "miss"}:
         from vllm_kvplugin.bench import serving

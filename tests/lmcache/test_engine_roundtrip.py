@@ -150,3 +150,23 @@ def test_accelerator_staging_path_is_bit_exact_and_syncs_once_per_batch(make_eng
     assert ops.syncs == 2
     for s, d in zip(src, dst):
         assert torch.equal(d[dst_table].view(torch.int8), s[src_table].view(torch.int8))
+
+
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_the_kv_memory_is_prepared_only_when_kvplugin_huge_pages_is_on(monkeypatch, huge_pages):
+    """``kvplugin.huge_pages`` reaches the device module at registration, with every KV tensor; off by default."""
+    asked = []
+
+    class Recording(DeviceOps):
+        def prepare_kv_memory(self, kv_tensors, log):
+            asked.append(len(kv_tensors))
+
+    monkeypatch.setattr(gpu_connector, "device_ops", lambda device_type: Recording(device_type))
+    md = LMCacheMetadata(
+        model_name="m", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+        kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,
+    )
+    PortableGPUConnector(md, BLOCK, huge_pages).register(kv_views())
+    assert asked == ([LAYERS] if huge_pages else [])
+    PortableGPUConnector(md, BLOCK).register(kv_views())
+    assert len(asked) == int(huge_pages)

@@ -73,7 +73,7 @@ def test_good_setup_reports_device_mover_and_a_real_tier_probe(good):
     tier_msg = message(findings, "direct-I/O tier")
     assert "chunk written and read back with posix-" in tier_msg and str(tier) in tier_msg
     assert "sha256_cbor" in message(findings, "hash")  # the platform entry's default
-    assert "stores sync, a prompt's tail as whole blocks" in message(findings, "config")  # CPU's defaults
+    assert "stores sync, a prompt's tail as whole blocks, lookups wait up to 120 s" in message(findings, "config")
     assert list(tier.iterdir()) == []  # the probe cleaned up after itself
 
 

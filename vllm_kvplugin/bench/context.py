@@ -55,8 +55,9 @@ Timeouts a 128K prompt could hit, and what is set here:
   tokens a step, its default, kept) no step comes near it;
 - LMCache's ``lookup_timeout_ms`` (3 s): the scheduler waits that long for the
   worker's pinned lookup, which for our disk and Redis tiers reads the whole
-  prompt's KV (512 MiB at 128K); past it the lookup answers 0 hits, silently:
-  :data:`LOOKUP_TIMEOUT_MS`;
+  prompt's KV (512 MiB at 128K here); past it the lookup answers 0 hits. The
+  connector itself raises it to 120 s (``settings.LOOKUP_TIMEOUT_MS``), and that
+  default is what runs here;
 - ``kvplugin.remote.timeout_s`` (1 s per Redis call): :data:`REDIS_TIMEOUT_S`,
   so that a store squeezed by the prefill on two cores is not skipped (a
   skipped chunk would cut the Redis hit short);
@@ -90,7 +91,6 @@ from vllm_kvplugin.demo.model import ModelShape, generate_model
 from vllm_kvplugin.demo.server import Completion, VllmServer, stream_completion
 
 CLIENT_TIMEOUT_S = 3600.0
-LOOKUP_TIMEOUT_MS = 600_000
 REDIS_TIMEOUT_S = 30.0
 CHUNK_TOKENS = 256  # LMCache's default chunk_size, kept
 KINDS = {"cold": "cold prefill", "cpu": "LMCache CPU tier", "disk": "direct-I/O tier, after a restart",
@@ -298,7 +298,7 @@ def run(workdir: Path, lengths: Iterable[int] = (32768, 65536, 131072), repeats:
     }
     # A's CPU tier holds every prompt stored (no eviction); B and C use it only to hold what a lookup read
     base = OURS["kv_connector_extra_config"] | {
-        "lmcache.max_local_cpu_size": max(2.0, 1.25 * stored_gb), "lmcache.lookup_timeout_ms": LOOKUP_TIMEOUT_MS}
+        "lmcache.max_local_cpu_size": max(2.0, 1.25 * stored_gb)}
     rows = {(n, kind): ContextRow(n, kind) for n in lengths for kind in KINDS}
     prompts, kept = _Prompts(seed=7), {}
 

@@ -46,7 +46,7 @@ class MoverResult:
     load_ratio_hot: float
     layerwise_store: float = float("nan")  # the same blocks moved one layer at a time: time / whole
     layerwise_load: float = float("nan")
-    huge_pages: bool = False  # the KV buffer was collapsed to 2 MiB pages, as the worker does (kv.huge_pages)
+    huge_pages: bool = False  # the KV buffer was collapsed to 2 MiB pages, as kvplugin.huge_pages does
     shape_name: str = "8b"
 
 
@@ -74,7 +74,7 @@ def bench_mover(
     cache_gib: float = 1.0,
     rounds: int = 100,
     word_dtypes: tuple[torch.dtype, ...] | None = None,
-    huge_pages: bool = True,
+    huge_pages: bool = False,
     layerwise: bool = True,
     shape_name: str = "8b",
     progress: Callable[[str], None] = lambda msg: None,
@@ -90,8 +90,8 @@ def bench_mover(
     holds much of a chunk partly runs from cache.
 
     ``huge_pages``: back the KV buffer with 2 MiB pages first, as the CPU worker
-    does with vLLM's cache (:mod:`vllm_kvplugin.kv.huge_pages`); False shows what
-    4 KiB pages cost. ``layerwise``: also time the same blocks moved one layer per call.
+    does with vLLM's cache under ``kvplugin.huge_pages`` (:mod:`vllm_kvplugin.kv.huge_pages`);
+    the default is the product's default, 4 KiB pages. ``layerwise``: also time the same blocks moved one layer per call.
     """
     ops = device_ops("cpu")
     words = word_dtypes if word_dtypes is not None else ops.word_dtypes()

@@ -30,14 +30,15 @@ def _pages(results: list[MoverResult]) -> str:
 
 def mover_table(results: list[MoverResult]) -> str:
     rows = [
-        [r.layout, str(r.block_size), r.mode, f"{r.chunk_mib:.0f}", f"{r.copy_gbps:.1f}",
-         f"{r.store_ratio:.0%}", f"{r.load_ratio:.0%}", f"{r.store_ratio_hot:.0%}", f"{r.load_ratio_hot:.0%}",
-         _pass(min(r.store_ratio, r.load_ratio) >= 0.9), f"{r.layerwise_store:.2f}x / {r.layerwise_load:.2f}x"]
+        [r.layout, str(r.block_size), r.mode, "2 MiB" if r.huge_pages else "4 KiB", f"{r.chunk_mib:.0f}",
+         f"{r.copy_gbps:.1f}", f"{r.store_ratio:.0%}", f"{r.load_ratio:.0%}", f"{r.store_ratio_hot:.0%}",
+         f"{r.load_ratio_hot:.0%}", _pass(min(r.store_ratio, r.load_ratio) >= 0.9),
+         f"{r.layerwise_store:.2f}x / {r.layerwise_load:.2f}x"]
         for r in results
     ]
     return ("**P1 — KV mover vs `copy_`** (Llama-3.1-8B KV: 32 layers, 8 KV heads, head 128, bf16; 256-token chunks; "
-            f"KV buffer on {_pages(results)} pages)\n\n") + _table(
-        ["layout", "block", "mode", "chunk MiB", "copy_ GB/s", "store", "load", "store (hot copy_)",
+            "KV pages: 4 KiB by default, 2 MiB with `kvplugin.huge_pages`)\n\n") + _table(
+        ["layout", "block", "mode", "KV pages", "chunk MiB", "copy_ GB/s", "store", "load", "store (hot copy_)",
          "load (hot copy_)", "≥ 90%", "one layer per call: store / load time"], rows)
 
 

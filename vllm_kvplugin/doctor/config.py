@@ -57,7 +57,8 @@ def check_config(found, kv_transfer_config: str | None, block_size: int, device:
                   f"block_size {block_size}, stores {resolve_save_mode(ktc.kv_role, extra, device)}, "
                   + ("a prompt's tail as whole blocks" if config.save_unfull_chunk
                      else "whole chunks only (lmcache.save_unfull_chunk is false: up to chunk_size - 1 "
-                          "tokens of each prompt are recomputed)"))
+                          "tokens of each prompt are recomputed)")
+                  + f", lookups wait up to {config.lookup_timeout_ms / 1000:g} s")
     check_disaggregation(found, ktc.kv_role, config, extra)
     unknown = sorted(k for k in extra if k.startswith("lmcache.") and not hasattr(config, k[len("lmcache."):]))
     if unknown:

@@ -2,8 +2,9 @@
 """Back host-memory KV tensors with transparent huge pages (Linux ``MADV_COLLAPSE``), best effort.
 
 Runs in the vLLM worker process, once, when vLLM registers its KV caches, before
-the engine serves (:meth:`vllm_kvplugin.devices.cpu.CpuOps.prepare_kv_memory`):
-about 0.3 s per GiB of KV cache, several times that on a VM's first touch of host memory.
+the engine serves (:meth:`vllm_kvplugin.devices.cpu.CpuOps.prepare_kv_memory`), if
+``kvplugin.huge_pages`` is true: about 0.3 s per GiB of KV cache, and 15 s per GiB
+measured on this kind of VM, whose host backs guest memory on first touch; hence opt-in.
 
 Why: a move gathers a chunk's blocks from all over the KV cache. With 4 KiB
 pages, every run of a small or head-strided block starts on a page the TLB has

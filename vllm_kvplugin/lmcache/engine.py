@@ -27,7 +27,7 @@ from lmcache.v1.cache_engine import LMCacheEngine, LMCacheEngineBuilder
 from vllm_kvplugin import KV_FORMAT_VERSION
 from vllm_kvplugin.devices import device_ops
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
-from vllm_kvplugin.lmcache.settings import prepare_config
+from vllm_kvplugin.lmcache.settings import huge_pages_enabled, prepare_config
 
 logger = init_logger(__name__)
 
@@ -84,7 +84,8 @@ class PortableServiceFactory(VllmServiceFactory):
         from vllm.distributed.parallel_state import get_tp_group
 
         metadata = self.get_or_create_metadata()
-        mover = PortableGPUConnector(metadata, self.vllm_config.cache_config.block_size)
+        extra = self.vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        mover = PortableGPUConnector(metadata, self.vllm_config.cache_config.block_size, huge_pages_enabled(extra))
         tp_group = get_tp_group()
         self.lmcache_engine = LMCacheEngineBuilder.get_or_create(
             ENGINE_NAME,

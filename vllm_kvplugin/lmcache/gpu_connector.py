@@ -96,15 +96,18 @@ class PortableGPUConnector(GPUConnectorInterface):
         block_size: vLLM's tokens per block; every chunk LMCache moves starts
             on a block boundary and spans whole blocks (``chunk_size`` is a
             multiple of it, checked at startup).
+        huge_pages: back the KV caches with 2 MiB pages when they are registered
+            (``kvplugin.huge_pages``; :meth:`DeviceOps.prepare_kv_memory`).
     """
 
-    def __init__(self, metadata: LMCacheMetadata, block_size: int):
+    def __init__(self, metadata: LMCacheMetadata, block_size: int, huge_pages: bool = False):
         num_layers, kv_size, _, num_heads, head_size = metadata.kv_shape
         self._shape_prefix = (kv_size, num_layers)
         self._hidden = num_heads * head_size
         self._use_mla = metadata.use_mla
         self._dtype = metadata.kv_dtype
         self.block_size = block_size
+        self._huge_pages = huge_pages
         self.blocks: PagedKVBlocks | None = None
         self._registered: tuple = ()  # where the registered KV tensors' bytes are (_memory_of)
         self._staging: dict[bool, torch.Tensor] = {}  # per direction: a store and a load may overlap
@@ -188,7 +191,8 @@ class PortableGPUConnector(GPUConnectorInterface):
                 f"{expected} ({tuple(self.get_shape(self.block_size))}); the model's KV shape is not "
                 "one this connector understands"
             )
-        ops.prepare_kv_memory(flatten_planes(kv_caches), logger.info)
+        if self._huge_pages:
+            ops.prepare_kv_memory(flatten_planes(kv_caches), logger.info)
         return self.blocks
 
     def _element_size(self) -> int:
