@@ -242,11 +242,10 @@ def _tree_cpu_s(pid: int) -> float:
 def _wait_idle(pid: int, progress, busy_below: float = 0.1, timeout_s: float = 600) -> None:
     """Until the server's process tree used under ``busy_below`` of a core for a second.
 
-    A worker's start-up work goes on after the server answers ``/health``: the
-    CPU worker collapses vLLM's KV cache into huge pages on a background thread
-    (:mod:`vllm_kvplugin.kv.huge_pages`), which here took from 3 s to 40 s for
-    2 GiB and made every load in the meantime 10-40x slower. Nothing is timed
-    before that is over.
+    Start-up work can go on after the server answers ``/health`` (an early version
+    of :mod:`vllm_kvplugin.kv.huge_pages` collapsed the KV cache in the background:
+    3-40 s for 2 GiB here, every load 10-40x slower meanwhile). Nothing is timed
+    before the tree is idle.
     """
     deadline, last = time.monotonic() + timeout_s, _tree_cpu_s(pid)
     while time.monotonic() < deadline:
