@@ -142,11 +142,10 @@ class PagedKVBlocks:
         # Row offset of each plane in plane-major rows; built once, not per move.
         self._plane_rows = torch.arange(self.num_planes, device=self.device)[:, None] * self.num_blocks
         if self.mode == "strided rows":  # run index of block 0 per [plane, 1, outer dims...], and a block's stride
-            _, row_strides = self._run_rows_plan(self._fused)
-            sizes = [1 if d == 1 else size for d, size in enumerate(self._fused.shape[: len(row_strides)])]
+            self._run, self._run_row_strides = self._run_rows_plan(self._fused)
+            sizes = [1 if d == 1 else size for d, size in enumerate(self._fused.shape[: len(self._run_row_strides)])]
             grids = torch.meshgrid(*(torch.arange(size, device=self.device) for size in sizes), indexing="ij")
-            self._run_base = sum(grid * stride for grid, stride in zip(grids, row_strides))
-            self._run_block_stride = row_strides[1]
+            self._run_base = sum(grid * stride for grid, stride in zip(grids, self._run_row_strides))
 
     @property
     def num_planes(self) -> int:
@@ -230,9 +229,8 @@ class PagedKVBlocks:
             elif self.mode == "block-major rows":  # [B, P*block]
                 views = (self._cut(_word_view(fused.transpose(0, 1).view(fused.shape[1], -1), word)),)
             elif self.mode == "strided rows":  # [runs, run] from the fused view's first byte
-                run, row_strides = self._run_rows_plan(fused)
-                rows = sum((size - 1) * stride for size, stride in zip(fused.shape, row_strides)) + 1
-                views = (self._cut(_word_view(torch.as_strided(fused, (rows, run), (run, 1)), word)),)
+                rows = sum((size - 1) * stride for size, stride in zip(fused.shape, self._run_row_strides)) + 1
+                views = (self._cut(_word_view(torch.as_strided(fused, (rows, self._run), (self._run, 1)), word)),)
             elif self.mode == "strided":
                 views = (_word_view(self._fused, word),)
             else:
@@ -261,7 +259,7 @@ class PagedKVBlocks:
         elif self.mode == "strided rows":
             (rows,) = views
             ids = block_ids.view(1, n, *[1] * (self._run_base.dim() - 2))
-            yield self._row_move(rows, (self._run_base + ids * self._run_block_stride).flatten(), host_words)
+            yield self._row_move(rows, (self._run_base + ids * self._run_row_strides[1]).flatten(), host_words)
         elif self.mode == "strided":
             (fused,) = views
             yield fused, 1, block_ids, host_words.view(fused.shape[0], n, *fused.shape[2:])
