@@ -34,7 +34,7 @@ def mover_engines():
 
 @pytest.fixture
 def engines():
-    """``engines(directory, local_cpu=False, max_size_gb=0.5, io_engine=None)``: an LMCacheEngine whose only
+    """``engines(directory, local_cpu=False, max_size_gb=0.5, io_engine=None, read_ahead=None)``: an LMCacheEngine whose only
     tier is the direct-I/O one in ``directory``; all are destroyed after the test."""
     made = []
 

@@ -10,7 +10,7 @@ from lmcache.v1.config import LMCacheEngineConfig
 from lmcache.v1.metadata import LMCacheMetadata
 from kv_helpers import paged_kv, slot_mapping
 
-from vllm_kvplugin.lmcache.directio_backend import ENGINE_KEY, PLUGIN_NAME, plugin_config
+from vllm_kvplugin.lmcache.directio_backend import ENGINE_KEY, PLUGIN_NAME, READ_AHEAD_KEY, plugin_config
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
 from vllm_kvplugin.storage.directory import SUFFIX
 
@@ -52,13 +52,14 @@ def assert_loaded(src, dst, blocks=6):
             assert torch.equal(d[db].view(torch.int8), s[sb].view(torch.int8))
 
 
-def make_engine(directory, local_cpu=False, max_size_gb=0.5, io_engine=None):
+def make_engine(directory, local_cpu=False, max_size_gb=0.5, io_engine=None, read_ahead=None):
     """(engine id, engine) of an LMCacheEngine whose only storage tier is the direct-I/O one in ``directory``
-    (``io_engine``: ``kvplugin.directio.engine``, unset by default)."""
+    (``io_engine``, ``read_ahead``: ``kvplugin.directio.engine``/``.read_ahead``, unset by default)."""
     cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, local_cpu=local_cpu, max_local_cpu_size=0.05)
     tier = plugin_config(str(directory), max_size_gb)
     cfg.storage_plugins = tier["storage_plugins"]
-    cfg.extra_config = tier["extra_config"] | ({ENGINE_KEY: io_engine} if io_engine else {})
+    cfg.extra_config = (tier["extra_config"] | ({ENGINE_KEY: io_engine} if io_engine else {})
+                        | ({READ_AHEAD_KEY: read_ahead} if read_ahead else {}))
     md = LMCacheMetadata(
         model_name="m@kvplugin1/test", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
         kv_dtype=torch.bfloat16, kv_shape=(LAYERS, 2, CHUNK, HEADS, HEAD), role="worker", chunk_size=CHUNK,

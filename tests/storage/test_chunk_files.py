@@ -22,9 +22,14 @@ def chunk(payload: bytes, key: str = KEY) -> tuple[bytes, bytes]:
     return encode_header(header), payload
 
 
-@pytest.fixture(params=[True, False], ids=["odirect", "buffered"])
-def io(request):
-    return PosixIO(direct=request.param)
+@pytest.fixture(params=[(True, True), (False, True), (True, False)],
+                ids=["odirect", "buffered", "odirect-header-first"])
+def io(request, monkeypatch):
+    """PosixIO; "header-first": every file is over the size read whole in one call (a large chunk)."""
+    direct, one_read = request.param
+    if not one_read:
+        monkeypatch.setattr("vllm_kvplugin.storage.io.ONE_READ_MAX", 0)
+    return PosixIO(direct=direct)
 
 
 def test_round_trip_is_exact_and_leaves_no_temporary_files(tmp_path, io):

@@ -17,6 +17,9 @@ Redis: :mod:`.remote_tier`) through four primitives — ``_fetch``, ``_store``,
   checks the chunk and holds the verified bytes until the load takes them
   (:mod:`.held_chunks`): a chunk damaged or gone after the promise still loads,
   one damaged before it is never promised;
+- a lookup or load of many chunks keeps ``read_ahead`` reads in flight on the
+  tier's reader threads (the next chunks are read while one is checked and
+  copied), answering in order and by prefix as LMCache expects;
 - a store that fails (full disk, server down) is skipped and counted, with one
   log line per kind of failure and minute.
 """
@@ -24,10 +27,13 @@ Redis: :mod:`.remote_tier`) through four primitives — ``_fetch``, ``_store``,
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import math
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -64,6 +70,14 @@ def parse_layout(header: ChunkHeader) -> tuple[torch.dtype, MemoryFormat]:
     return dtype, MemoryFormat[header.memory_format]
 
 
+_PINNED = object()  # a lookup's read found the chunk held already and pinned it once more
+
+
+def _release(name: str, obj) -> None:
+    if obj is not None:
+        obj.ref_count_down()
+
+
 class ChunkTier(StoragePluginInterface):
     """An LMCache storage plugin whose chunks are checksummed and verified before they are promised.
 
@@ -71,15 +85,18 @@ class ChunkTier(StoragePluginInterface):
         name: the tier's name in logs (LMCache's plugin name).
         chunk_noun: what one stored chunk is called in logs ("chunk file").
         io_threads: writer threads.
+        read_ahead: chunks read at once by a lookup or load of several (reader threads).
         (the rest): LMCache's storage plugin constructor arguments.
     """
 
-    def __init__(self, name: str, chunk_noun: str, io_threads: int, dst_device="cpu", config=None, metadata=None,
-                 local_cpu_backend=None, loop=None):
+    def __init__(self, name: str, chunk_noun: str, io_threads: int, read_ahead: int, dst_device="cpu", config=None,
+                 metadata=None, local_cpu_backend=None, loop=None):
         super().__init__(dst_device, config, metadata, local_cpu_backend, loop)
         self.name, self.chunk_noun = name, chunk_noun
         self.fingerprint = metadata.model_name if metadata is not None else ""
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvplugin-io")
+        self.read_ahead = read_ahead
+        self._readers = ThreadPoolExecutor(read_ahead, thread_name_prefix="kvplugin-read")
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.skipped_stores = 0  # chunks not stored because writing failed, ever
@@ -144,6 +161,65 @@ class ChunkTier(StoragePluginInterface):
         self._held.add(name, obj)
         self._hold_started(name)
         return True
+
+    def batched_contains(self, keys, pin: bool = False) -> int:
+        """How many of ``keys``, from the first, can be loaded; with ``pin``, verified and held (LMCache's lookup).
+
+        Up to ``read_ahead`` chunks are read at once; chunks read past the first
+        miss are released again, so exactly the counted prefix stays pinned.
+        """
+        if not pin:
+            return super().batched_contains(keys, pin)
+        hits = 0
+        with contextlib.closing(self._in_order([k.to_string() for k in keys], self._verify_for_pin,
+                                               self._drop_pin)) as results:
+            for name, result in results:
+                if result is None:
+                    break
+                if result is not _PINNED:
+                    self._held.add(name, result)
+                    self._hold_started(name)
+                hits += 1
+        return hits
+
+    def _verify_for_pin(self, name: str):
+        """Reader thread: ``_PINNED`` if ``name`` is held already (one more pin), else its verified bytes or None."""
+        return _PINNED if self._held.pin(name) else self._read(name)
+
+    def _drop_pin(self, name: str, result) -> None:
+        """Undo :meth:`_verify_for_pin` for a chunk past the hit prefix."""
+        if result is _PINNED:
+            self._held.unpin(name)
+        elif result is not None:
+            result.ref_count_down()
+
+    def _in_order(self, names: list[str], read: Callable[[str], object],
+                  undo: Callable[[str, object], None]) -> Iterator[tuple[str, object]]:
+        """``(name, read(name))`` in the order of ``names``, with up to ``read_ahead`` reads running.
+
+        Closing the iterator early (a miss ends a prefix) cancels the reads not
+        started and passes those already done to ``undo``.
+        """
+        upcoming = iter(names)
+        running: deque[tuple[str, Future]] = deque()
+
+        def start_next() -> None:
+            name = next(upcoming, None)
+            if name is not None:
+                running.append((name, self._readers.submit(read, name)))
+
+        try:
+            for _ in range(self.read_ahead):
+                start_next()
+            while running:
+                name, future = running.popleft()
+                result = future.result()
+                start_next()
+                yield name, result
+        finally:
+            for name, future in running:
+                if not future.cancel() and future.exception() is None:
+                    undo(name, future.result())
 
     def exists_in_put_tasks(self, key) -> bool:
         with self._lock:
@@ -216,7 +292,19 @@ class ChunkTier(StoragePluginInterface):
     # -- load ---------------------------------------------------------------
 
     def get_blocking(self, key):
-        name = key.to_string()
+        return self._take_or_read(key.to_string())
+
+    def batched_get_blocking(self, keys) -> list:
+        """Each key's verified bytes (held ones taken, the others read ``read_ahead`` at a time), None for a miss."""
+        names = [k.to_string() for k in keys]
+        objs = [self._held.take(name) for name in names]
+        unheld = [name for name, obj in zip(names, objs) if obj is None]
+        if unheld:
+            read = (obj for _, obj in self._in_order(unheld, self._read, _release))
+            objs = [obj if obj is not None else next(read) for obj in objs]
+        return objs
+
+    def _take_or_read(self, name: str):
         held = self._held.take(name)
         return held if held is not None else self._read(name)
 
@@ -255,4 +343,5 @@ class ChunkTier(StoragePluginInterface):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._held.clear()

@@ -23,10 +23,10 @@ from lmcache.logging import init_logger
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.storage.directory import ChunkDirectory
 from vllm_kvplugin.storage.select import select_io
-from vllm_kvplugin.storage.settings import ENGINE_KEY, PATH_KEY, SIZE_KEY, THREADS_KEY, tier_settings
+from vllm_kvplugin.storage.settings import ENGINE_KEY, PATH_KEY, READ_AHEAD_KEY, SIZE_KEY, THREADS_KEY, tier_settings
 
-__all__ = ["DirectIOBackend", "ENGINE_KEY", "PATH_KEY", "PLUGIN_NAME", "SIZE_KEY", "THREADS_KEY", "plugin_config",
-           "tier_settings"]
+__all__ = ["DirectIOBackend", "ENGINE_KEY", "PATH_KEY", "PLUGIN_NAME", "READ_AHEAD_KEY", "SIZE_KEY", "THREADS_KEY",
+           "plugin_config", "tier_settings"]
 
 logger = init_logger(__name__)
 
@@ -51,8 +51,8 @@ class DirectIOBackend(ChunkTier):
 
     def __init__(self, dst_device="cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         settings = tier_settings(config.extra_config or {})
-        super().__init__(PLUGIN_NAME, "chunk file", settings.io_threads, dst_device, config, metadata,
-                         local_cpu_backend, loop)
+        super().__init__(PLUGIN_NAME, "chunk file", settings.io_threads, settings.read_ahead, dst_device, config,
+                         metadata, local_cpu_backend, loop)
         self.directory = ChunkDirectory(settings.path, round(settings.max_size_gb * 1e9))
         # LMCache hands us host memory
         self.io, self.io_choice = select_io(self.directory.root, chunks_on_device=False, engine=settings.engine)

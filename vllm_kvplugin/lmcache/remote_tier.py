@@ -25,8 +25,8 @@ from lmcache.logging import init_logger
 from vllm_kvplugin.lmcache.chunk_tier import ChunkTier
 from vllm_kvplugin.storage.chunk_store import open_chunk_store
 from vllm_kvplugin.storage.redis_store import PASSWORD_ENV, USERNAME_ENV
-from vllm_kvplugin.storage.settings import (REMOTE_ENDPOINT_KEY, REMOTE_THREADS_KEY, REMOTE_TIMEOUT_KEY,
-                                            REMOTE_URL_KEY, remote_settings)
+from vllm_kvplugin.storage.settings import (REMOTE_ENDPOINT_KEY, REMOTE_READ_AHEAD_KEY, REMOTE_THREADS_KEY,
+                                            REMOTE_TIMEOUT_KEY, REMOTE_URL_KEY, remote_settings)
 
 logger = init_logger(__name__)
 
@@ -44,6 +44,7 @@ def plugin_config(extra: dict) -> dict:
             REMOTE_URL_KEY: settings.url,
             REMOTE_TIMEOUT_KEY: settings.timeout_s,
             REMOTE_THREADS_KEY: settings.io_threads,
+            REMOTE_READ_AHEAD_KEY: settings.read_ahead,
             **({REMOTE_ENDPOINT_KEY: settings.endpoint_url} if settings.endpoint_url else {}),
         },
     }
@@ -55,7 +56,7 @@ class RemoteTierBackend(ChunkTier):
     def __init__(self, dst_device="cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         settings = remote_settings(config.extra_config or {})
         noun = "chunk object" if settings.url.startswith("s3://") else "chunk value"
-        super().__init__(PLUGIN_NAME, noun, settings.io_threads, dst_device, config, metadata,
+        super().__init__(PLUGIN_NAME, noun, settings.io_threads, settings.read_ahead, dst_device, config, metadata,
                          local_cpu_backend, loop)
         self.store = open_chunk_store(settings.url, settings.timeout_s, settings.endpoint_url)
         logger.info("%s: chunks in %s (%s)", PLUGIN_NAME, self.store.url,

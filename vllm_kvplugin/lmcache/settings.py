@@ -30,6 +30,7 @@ _OUR_KEYS = {
     "kvplugin.directio.path": "directory of the direct-I/O tier (enables it)",
     "kvplugin.directio.max_size_gb": "size budget of that directory, GB (default 10)",
     "kvplugin.directio.io_threads": "writer threads (default 2)",
+    "kvplugin.directio.read_ahead": "chunks one lookup or load reads at once (default 4)",
     "kvplugin.directio.engine": "I/O engine of its files: auto (default: hipFile for chunks on device, else "
     "O_DIRECT), posix, nixl or hipfile; one that cannot run falls back to O_DIRECT, logged",
     "kvplugin.remote.url": "redis://[user:password@]host:port[/db] or s3://bucket[/prefix] of the shared "
@@ -38,6 +39,7 @@ _OUR_KEYS = {
     "(credentials and region from boto3's environment: AWS_ACCESS_KEY_ID, ...)",
     "kvplugin.remote.timeout_s": "bound on any one call to that server, s (default 1; 5 for s3://)",
     "kvplugin.remote.io_threads": "its writer threads (default 2)",
+    "kvplugin.remote.read_ahead": "chunks one lookup or load reads from it at once (default 4)",
     "kvplugin.save_mode": "async (store behind the forward pass) or sync (inside it); "
     "default async on CUDA/ROCm, sync on CPU and HPU",
     "kvplugin.handoff_timeout_s": "bound on how long a prefill step waits for its handed-off KV to be "
@@ -151,7 +153,7 @@ def _type_name(kind) -> str:
 def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
     """Add the direct-I/O tier to LMCache's storage plugins, as LMCache YAML users would by hand."""
     from vllm_kvplugin.lmcache.directio_backend import (
-        ENGINE_KEY, PLUGIN_NAME, THREADS_KEY, plugin_config, tier_settings,
+        ENGINE_KEY, PLUGIN_NAME, READ_AHEAD_KEY, THREADS_KEY, plugin_config, tier_settings,
     )
 
     settings = tier_settings(extra)  # a bad value fails here, at startup, naming its key
@@ -160,6 +162,8 @@ def _enable_directio(config: LMCacheEngineConfig, extra: dict) -> None:
         tier["extra_config"][THREADS_KEY] = settings.io_threads
     if ENGINE_KEY in extra:
         tier["extra_config"][ENGINE_KEY] = settings.engine
+    if READ_AHEAD_KEY in extra:
+        tier["extra_config"][READ_AHEAD_KEY] = settings.read_ahead
     config.storage_plugins = sorted(set(config.storage_plugins or []) | {PLUGIN_NAME})
     config.extra_config = {**(config.extra_config or {}), **tier["extra_config"]}
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from vllm_kvplugin.storage.format import ALIGN, HEADER_SIZE, ChunkHeader, ChunkRejected, aligned, check_payload, decode_header
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# Files up to this size are read whole in one call (LMCache chunks are a few MiB to ~100 MiB); larger ones
+# (a damaged or foreign file) read their header first, so a file's size cannot make a reader allocate.
+ONE_READ_MAX = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,14 @@ def read_header(fd: int, head: memoryview, expected_key: str) -> ChunkHeader:
     if os.preadv(fd, [head], 0) != HEADER_SIZE:
         raise ChunkRejected("truncated header")
     header = decode_header(head, expected_key)
-    if os.fstat(fd).st_size < HEADER_SIZE + aligned(header.payload_len):
-        raise ChunkRejected(f"truncated payload (file shorter than the {header.payload_len} bytes claimed)")
+    check_file_size(os.fstat(fd).st_size, header)
     return header
+
+
+def check_file_size(size: int, header: ChunkHeader) -> None:
+    """Refuse a file too short for the payload its header claims."""
+    if size < HEADER_SIZE + aligned(header.payload_len):
+        raise ChunkRejected(f"truncated payload (file shorter than the {header.payload_len} bytes claimed)")
 
 
 class HostStaging(threading.local):
@@ -106,15 +114,23 @@ class PosixIO:
         """
         fd = os.open(path, os.O_RDONLY | (_O_DIRECT if self.direct else 0))
         try:
-            header = read_header(fd, self._staging.get(HEADER_SIZE), expected_key)
-            size = aligned(header.payload_len)
-            buf = self._staging.get(size)
-            got = os.preadv(fd, [buf], HEADER_SIZE)
+            size = os.fstat(fd).st_size
+            if HEADER_SIZE <= size <= ONE_READ_MAX:  # header and payload in one read: one device round trip
+                buf = self._staging.get(aligned(size))
+                got = os.preadv(fd, [buf], 0)
+                if got < HEADER_SIZE:  # cut short since the fstat
+                    raise ChunkRejected("truncated header")
+                header = decode_header(buf[:HEADER_SIZE], expected_key)
+                check_file_size(size, header)
+                payload = buf[HEADER_SIZE : min(got, HEADER_SIZE + header.payload_len)]
+            else:  # too short (rejected there) or too long to stage whole: the header says how much to read
+                header = read_header(fd, self._staging.get(HEADER_SIZE), expected_key)
+                buf = self._staging.get(aligned(header.payload_len))
+                payload = buf[: max(0, os.preadv(fd, [buf], HEADER_SIZE))][: header.payload_len]
         finally:
             os.close(fd)
-        if got < header.payload_len:
-            raise ChunkRejected(f"truncated payload ({got} of {header.payload_len} bytes)")
-        payload = buf[: header.payload_len]
+        if len(payload) < header.payload_len:
+            raise ChunkRejected(f"truncated payload ({len(payload)} of {header.payload_len} bytes)")
         check_payload(header, payload)
         return header, payload
 

@@ -16,6 +16,7 @@ PATH_KEY = "kvplugin.directio.path"
 SIZE_KEY = "kvplugin.directio.max_size_gb"
 THREADS_KEY = "kvplugin.directio.io_threads"
 ENGINE_KEY = "kvplugin.directio.engine"
+READ_AHEAD_KEY = "kvplugin.directio.read_ahead"
 # auto: hipFile where it pays (chunks on device), else O_DIRECT, else buffered; the others ask for one
 # engine, and fall back to O_DIRECT (logged, never failing the server) where it cannot run.
 ENGINES = ("auto", "posix", "nixl", "hipfile")
@@ -23,6 +24,9 @@ REMOTE_URL_KEY = "kvplugin.remote.url"
 REMOTE_TIMEOUT_KEY = "kvplugin.remote.timeout_s"
 REMOTE_THREADS_KEY = "kvplugin.remote.io_threads"
 REMOTE_ENDPOINT_KEY = "kvplugin.remote.endpoint_url"
+REMOTE_READ_AHEAD_KEY = "kvplugin.remote.read_ahead"
+# Chunks a lookup or load of many reads at once (measured in BENCHMARKS.md, "Reads in flight").
+DEFAULT_READ_AHEAD = 4
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "s3://")
 
 
@@ -32,6 +36,7 @@ class TierSettings:
     max_size_gb: float
     io_threads: int
     engine: str = "auto"
+    read_ahead: int = DEFAULT_READ_AHEAD
 
 
 def tier_settings(extra: dict) -> TierSettings:
@@ -47,7 +52,8 @@ def tier_settings(extra: dict) -> TierSettings:
     engine = extra.get(ENGINE_KEY, "auto")
     if engine not in ENGINES:
         raise ValueError(f"{ENGINE_KEY} must be one of {', '.join(ENGINES)}, got {engine!r}")
-    return TierSettings(path, _positive(extra, SIZE_KEY, 10.0, float), _positive(extra, THREADS_KEY, 2, int), engine)
+    return TierSettings(path, _positive(extra, SIZE_KEY, 10.0, float), _positive(extra, THREADS_KEY, 2, int), engine,
+                        _positive(extra, READ_AHEAD_KEY, DEFAULT_READ_AHEAD, int))
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class RemoteSettings:
     timeout_s: float
     io_threads: int
     endpoint_url: str | None = None  # S3 only
+    read_ahead: int = DEFAULT_READ_AHEAD
 
 
 def remote_settings(extra: dict) -> RemoteSettings:
@@ -80,7 +87,8 @@ def remote_settings(extra: dict) -> RemoteSettings:
     # An object store's first byte takes longer than a Redis reply (and a fresh bucket's first put longer still).
     default_timeout_s = 5.0 if url.startswith("s3://") else 1.0
     return RemoteSettings(url, _positive(extra, REMOTE_TIMEOUT_KEY, default_timeout_s, float),
-                          _positive(extra, REMOTE_THREADS_KEY, 2, int), endpoint)
+                          _positive(extra, REMOTE_THREADS_KEY, 2, int), endpoint,
+                          _positive(extra, REMOTE_READ_AHEAD_KEY, DEFAULT_READ_AHEAD, int))
 
 
 def _positive(extra: dict, key: str, default, kind: type):
