@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "mp-ops", "mp-ttft", "pd", "context")
+BENCHES = ("mover", "ttft", "miss", "scaling", "directio", "tiers", "read-ahead", "mp-ops", "mp-ttft", "pd", "context")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="serve a locally generated model with the connector; show KV reuse")
     demo.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
     demo.add_argument("--prompt-tokens", type=int, default=3000)
+    demo.add_argument("--mp", action="store_true",
+                      help="LMCache's multiprocess mode: an lmcache server with our L2 adapter, restarts of both")
     demo.add_argument("--pd", action="store_true",
                       help="disaggregated prefill/decode: vllm-router in front of a producer and a consumer")
     bench = sub.add_parser("bench", help="benchmarks: ratios against baselines measured in the same run")
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         if args.pd:
             return run_pd_demo(args.workdir)
+        if args.mp:
+            from vllm_kvplugin.demo import mp_job
+
+            return mp_job.run(args.workdir, args.prompt_tokens)
         from vllm_kvplugin.demo import main_job
 
         return main_job.run(args.workdir, args.prompt_tokens)
@@ -119,6 +125,10 @@ def run_bench(which: set[str], args) -> int:
         rows = tiers.run(args.out / "tiers", progress=progress)  # small KV, 32K tokens
         rows += tiers.run(args.out / "tiers", tokens=4096, shape="8b", progress=progress)  # 32 MiB chunks
         sections.append(tiers.tiers_table(rows))
+    if "read-ahead" in which:
+        from vllm_kvplugin.bench import read_ahead
+
+        sections.append(read_ahead.read_ahead_table(*read_ahead.run(args.out / "read-ahead", progress=progress)))
     if "mp-ops" in which:
         from vllm_kvplugin.bench import mp_ops
 

@@ -4,7 +4,9 @@
 vLLM-CPU runs TP=2 on two cores only with one core pinned per worker
 (``VLLM_CPU_OMP_THREADS_BIND="0|1"``). LMCache keys carry the rank and world
 size, so the two ranks' shards never mix, and a TP=1 engine on the same
-persistent store never reads a TP=2 shard as its whole KV.
+persistent store never reads a TP=2 shard as its whole KV. In LMCache's MP
+mode both ranks' workers register with one ``lmcache server`` and move their
+shards through our device plugin.
 """
 
 import random
@@ -12,6 +14,7 @@ import random
 import pytest
 
 from tests.e2e.engines import run_engine, stored_chunks, warm_hit
+from vllm_kvplugin.mp.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +65,18 @@ def test_tp1_engine_on_the_same_store_gets_no_hits_from_tp2_shards(tp2_runs, sto
     assert tp1["passes"][0]["cached"] == [0, 0]
     assert "discarding a bad chunk file" not in tp1["log"]
     assert shards < set(store.rglob("*.kvchunk"))  # it wrote whole-KV chunks of its own beside them
+
+
+def test_tp2_in_mp_mode_hits_whole_chunks_on_both_ranks_with_unchanged_greedy_tokens(tp2_runs, tmp_path_factory,
+                                                                                   tiny_model):
+    base, _ = tp2_runs
+    work = tmp_path_factory.mktemp("tp2-mp")
+    spec = {"model": tiny_model, "prompts": prompts(), "passes": 2, "tensor_parallel_size": 2}
+    with ServerProcess(work, directio_path=work / "l2") as server:  # vllm-kvplugin server: 256-token chunks
+        kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
+              "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server.port}}
+        mp = run_engine(spec | {"kv_transfer_config": kv}, work, "tp2-mp", **TP_ENV)
+    cold, warm = mp["passes"]
+    assert cold["tokens"] == warm["tokens"] == base["passes"][0]["tokens"]
+    assert cold["cached"] == [0, 0] and warm["cached"] == [n // 256 * 256 for n in LENGTHS]
+    assert len(list((work / "l2").rglob("*.kvchunk"))) == 2 * sum(n // 256 for n in LENGTHS)  # each rank's shard

@@ -44,6 +44,12 @@ def engine_env() -> dict[str, str]:
     }
 
 
+def print_table(rows: list[tuple[str, str]]) -> None:
+    print("\n| metric | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
 def run(workdir: Path, prompt_tokens: int = 3000) -> int:
     """Run the demo; return a process exit code (non-zero if the KV was not reused correctly)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +82,7 @@ def run(workdir: Path, prompt_tokens: int = 3000) -> int:
         ("tokens loaded after the restart", f"{restarted.cached_tokens}"),
         ("greedy output identical (all three)", "yes" if same else "NO"),
     ]
-    print("\n| metric | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print_table(rows)
     ok = same and warm.cached_tokens > 0 and restarted.cached_tokens > 0 and cold.cached_tokens == 0
     if not ok:
         print(f"\nFAILED: the KV was not reused correctly; see {log}")

@@ -292,7 +292,9 @@ class ChunkTier(StoragePluginInterface):
     # -- load ---------------------------------------------------------------
 
     def get_blocking(self, key):
-        return self._take_or_read(key.to_string())
+        name = key.to_string()
+        held = self._held.take(name)
+        return held if held is not None else self._read(name)
 
     def batched_get_blocking(self, keys) -> list:
         """Each key's verified bytes (held ones taken, the others read ``read_ahead`` at a time), None for a miss."""
@@ -303,10 +305,6 @@ class ChunkTier(StoragePluginInterface):
             read = (obj for _, obj in self._in_order(unheld, self._read, _release))
             objs = [obj if obj is not None else next(read) for obj in objs]
         return objs
-
-    def _take_or_read(self, name: str):
-        held = self._held.take(name)
-        return held if held is not None else self._read(name)
 
     def _read(self, name: str):
         """The chunk's bytes in a new host object if it passes every check, else None."""
