@@ -46,10 +46,10 @@ def test_read_ahead_bench_loads_bit_exact_at_each_depth_and_compares_with_dd(tmp
     from vllm_kvplugin.bench import read_ahead
 
     rows, dd_gbps, chunk_bytes = read_ahead.run(tmp_path, tokens=1024, values=(1, 3), rounds=2,
-                                                tier_names=("directio",), progress=lambda msg: None)
-    assert [(r.tier, r.read_ahead) for r in rows] == [("directio", 1), ("directio", 3)]
+                                                tier_names=("directio", "redis"), progress=lambda msg: None)
+    assert [(r.tier, r.read_ahead) for r in rows] == [("directio", 1), ("directio", 3), ("redis", 1), ("redis", 3)]
     assert all(r.exact and len(r.load_gbps) == 2 and min(r.load_gbps) > 0 for r in rows)
     assert len(dd_gbps) == 2 and min(dd_gbps) > 0 and chunk_bytes == 256 * 2048
     table = read_ahead.read_ahead_table(rows, dd_gbps, chunk_bytes)
-    assert "| directio | 3 |" in table and "1.00x" in table and "%" in table
+    assert "| directio | 3 |" in table and "| redis | 1 |" in table and "1.00x" in table
     assert not (tmp_path / "dd-raw.bin").exists()

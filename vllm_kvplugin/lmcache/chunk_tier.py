@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 from lmcache.logging import init_logger
@@ -43,7 +43,6 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from vllm_kvplugin.lmcache.held_chunks import HeldChunks
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
-from vllm_kvplugin.storage.threads import io_pool
 
 logger = init_logger(__name__)
 
@@ -95,9 +94,9 @@ class ChunkTier(StoragePluginInterface):
         super().__init__(dst_device, config, metadata, local_cpu_backend, loop)
         self.name, self.chunk_noun = name, chunk_noun
         self.fingerprint = metadata.model_name if metadata is not None else ""
-        self._pool = io_pool(io_threads, "kvplugin-io")
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvplugin-io")
         self.read_ahead = read_ahead
-        self._readers = io_pool(read_ahead, "kvplugin-read")
+        self._readers = ThreadPoolExecutor(read_ahead, thread_name_prefix="kvplugin-read")
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.skipped_stores = 0  # chunks not stored because writing failed, ever
