@@ -50,15 +50,19 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"| {name} | {value} |")
 
 
+def prepare(workdir: Path, prompt_tokens: int, steps: int, kv_dir: Path) -> tuple[str, str]:
+    """Step 1 of a demo: the model and the prompt; ``kv_dir`` emptied so that "cold" really is cold."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"[1/{steps}] generating a random-weight Llama ({DEMO_SHAPE.num_hidden_layers} layers) in {workdir}/model")
+    model = str(generate_model(workdir / "model", DEMO_SHAPE))
+    shutil.rmtree(kv_dir, ignore_errors=True)
+    return model, random_prompt(prompt_tokens - 1, random.Random(0), DEMO_SHAPE)  # + BOS
+
+
 def run(workdir: Path, prompt_tokens: int = 3000) -> int:
     """Run the demo; return a process exit code (non-zero if the KV was not reused correctly)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] generating a random-weight Llama ({DEMO_SHAPE.num_hidden_layers} layers) in {workdir}/model")
-    model = str(generate_model(workdir / "model", DEMO_SHAPE))
-    prompt = random_prompt(prompt_tokens - 1, random.Random(0), DEMO_SHAPE)  # + BOS
-
     kv_dir = workdir / "kvcache"
-    shutil.rmtree(kv_dir, ignore_errors=True)  # so that "cold" really is cold
+    model, prompt = prepare(workdir, prompt_tokens, 4, kv_dir)
     log = workdir / "vllm-serve.log"
     print(f"[2/4] starting vllm serve with LMCachePortableConnector (log: {log})")
     with VllmServer(model, connector(kv_dir), log, env=engine_env()) as server:

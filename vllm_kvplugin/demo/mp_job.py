@@ -15,12 +15,9 @@ files, checksummed, read into a fresh L1).
 
 from __future__ import annotations
 
-import random
-import shutil
 from pathlib import Path
 
-from vllm_kvplugin.demo.main_job import DEMO_SHAPE, engine_env, print_table
-from vllm_kvplugin.demo.model import generate_model, random_prompt
+from vllm_kvplugin.demo.main_job import engine_env, prepare, print_table
 from vllm_kvplugin.demo.server import VllmServer
 
 
@@ -37,12 +34,8 @@ def run(workdir: Path, prompt_tokens: int = 3000) -> int:
     """Run the MP demo; return a process exit code (non-zero if the KV was not reused correctly)."""
     from vllm_kvplugin.mp.server import ServerProcess
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[1/5] generating a random-weight Llama ({DEMO_SHAPE.num_hidden_layers} layers) in {workdir}/model")
-    model = str(generate_model(workdir / "model", DEMO_SHAPE))
-    prompt = random_prompt(prompt_tokens - 1, random.Random(0), DEMO_SHAPE)  # + BOS
     l2_dir = workdir / "kvcache-mp"
-    shutil.rmtree(l2_dir, ignore_errors=True)  # so that "cold" really is cold
+    model, prompt = prepare(workdir, prompt_tokens, 5, l2_dir)
 
     def served(server, log_name: str, times: int):
         """The prompt sent ``times`` to a fresh vllm serve against ``server``."""
