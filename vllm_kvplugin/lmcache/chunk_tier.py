@@ -32,8 +32,6 @@ import errno
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -42,6 +40,7 @@ from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from vllm_kvplugin.lmcache.held_chunks import HeldChunks
+from vllm_kvplugin.lmcache.ordered_reads import read_in_order
 from vllm_kvplugin.storage.format import ChunkHeader, ChunkRejected, crc32c, encode_header
 
 logger = init_logger(__name__)
@@ -171,8 +170,8 @@ class ChunkTier(StoragePluginInterface):
         if not pin:
             return super().batched_contains(keys, pin)
         hits = 0
-        with contextlib.closing(self._in_order([k.to_string() for k in keys], self._verify_for_pin,
-                                               self._drop_pin)) as results:
+        names = [k.to_string() for k in keys]
+        with contextlib.closing(self._in_order(names, self._verify_for_pin, self._drop_pin)) as results:
             for name, result in results:
                 if result is None:
                     break
@@ -186,40 +185,16 @@ class ChunkTier(StoragePluginInterface):
         """Reader thread: ``_PINNED`` if ``name`` is held already (one more pin), else its verified bytes or None."""
         return _PINNED if self._held.pin(name) else self._read(name)
 
+    def _in_order(self, names: list[str], read, undo):
+        """:func:`.ordered_reads.read_in_order` on this tier's readers, ``read_ahead`` deep."""
+        return read_in_order(self._readers, self.read_ahead, names, read, undo)
+
     def _drop_pin(self, name: str, result) -> None:
         """Undo :meth:`_verify_for_pin` for a chunk past the hit prefix."""
         if result is _PINNED:
             self._held.unpin(name)
         elif result is not None:
             result.ref_count_down()
-
-    def _in_order(self, names: list[str], read: Callable[[str], object],
-                  undo: Callable[[str, object], None]) -> Iterator[tuple[str, object]]:
-        """``(name, read(name))`` in the order of ``names``, with up to ``read_ahead`` reads running.
-
-        Closing the iterator early (a miss ends a prefix) cancels the reads not
-        started and passes those already done to ``undo``.
-        """
-        upcoming = iter(names)
-        running: deque[tuple[str, Future]] = deque()
-
-        def start_next() -> None:
-            name = next(upcoming, None)
-            if name is not None:
-                running.append((name, self._readers.submit(read, name)))
-
-        try:
-            for _ in range(self.read_ahead):
-                start_next()
-            while running:
-                name, future = running.popleft()
-                result = future.result()
-                start_next()
-                yield name, result
-        finally:
-            for name, future in running:
-                if not future.cancel() and future.exception() is None:
-                    undo(name, future.result())
 
     def exists_in_put_tasks(self, key) -> bool:
         with self._lock:
