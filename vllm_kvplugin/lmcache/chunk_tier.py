@@ -149,17 +149,10 @@ class ChunkTier(StoragePluginInterface):
         load takes them or the pin is released: a chunk that is damaged,
         truncated or vanishes is a miss here, never a failed load later.
         """
+        if pin:
+            return self.batched_contains([key], pin=True) == 1
         name = key.to_string()
-        if not pin:
-            return self._held.has(name) or self._exists(name)
-        if self._held.pin(name):
-            return True
-        obj = self._read(name)
-        if obj is None:
-            return False
-        self._held.add(name, obj)
-        self._hold_started(name)
-        return True
+        return self._held.has(name) or self._exists(name)
 
     def batched_contains(self, keys, pin: bool = False) -> int:
         """How many of ``keys``, from the first, can be loaded; with ``pin``, verified and held (LMCache's lookup).
