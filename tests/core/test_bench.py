@@ -136,6 +136,22 @@ def test_pd_table_reports_ratios_to_colocated_and_output_equality():
     assert "| PD, LMCachePortableConnector | 200 (200–200) | 20.0 (20.0–20.0) | 16.0 (16.0–16.0) | 0.50x (0.50–0.50) | 1/3 | 1 | 768 |" in table
 
 
+def test_nixl_servers_keep_openmp_off_the_cores_vllms_nixl_worker_reserves(monkeypatch):
+    """vLLM's NIXL worker on CPU moves its main thread to the last core of each NUMA node (bench/pd.py)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    from vllm_kvplugin.bench.pd import nixl_omp_bind
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(CpuPlatform, "discover_numa_topology", classmethod(lambda cls: [[0, 1, 2, 3], [4, 5, 6, 7]]))
+    assert nixl_omp_bind() == "0,1,2,4,5,6"
+    monkeypatch.setattr(CpuPlatform, "discover_numa_topology", classmethod(lambda cls: []))
+    assert nixl_omp_bind() == "0,1,2,3,4,5,6,7"  # no NUMA information: vLLM reserves nothing
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(CpuPlatform, "discover_numa_topology", classmethod(lambda cls: [[0, 1, 2, 3]]))
+    assert nixl_omp_bind() == "3"  # nothing else allowed: OpenMP keeps the one core
+
+
 def _context_result():
     from vllm_kvplugin.bench.context import ContextResult, ContextRow
 

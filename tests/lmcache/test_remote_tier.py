@@ -6,7 +6,8 @@ are damaged the way a shared store can damage them (a flipped byte, a
 truncated value, another key's value under this key): each is a miss and is
 deleted, never bytes. The server killed, hung and restarted costs misses and
 skipped stores only, each call bounded by the tier's timeout; a password or
-secret key is never logged.
+secret key is never logged. A prefill hand-off waits for slow writes to the
+store, and the decode side then finds every chunk.
 """
 
 import logging
@@ -25,6 +26,7 @@ from tests.storage.damaged_chunks import VALUE_DAMAGES, damaged_value
 from vllm_kvplugin.bench.redis_server import RedisServer
 from vllm_kvplugin.bench.s3_server import SeaweedS3
 from vllm_kvplugin.lmcache.gpu_connector import PortableGPUConnector
+from vllm_kvplugin.lmcache.handoff import wait_for_tier_writes
 from vllm_kvplugin.lmcache.remote_tier import PLUGIN_NAME, plugin_config
 from vllm_kvplugin.storage.redis_store import KEY_PREFIX
 from vllm_kvplugin.storage.s3_store import DEFAULT_PREFIX
@@ -210,6 +212,28 @@ def test_server_down_hung_and_back_costs_misses_only(store, remote_engines):
         server.thaw()
     time.sleep(2.5)
     hits, dst = load(engine)
+    assert hits == 96
+    assert_loaded(src, dst)
+
+
+def test_a_prefill_hand_off_waits_for_slow_writes_and_the_decode_side_finds_every_chunk(
+        store, remote_engines, monkeypatch):
+    """What a kv_producer's step does before its reply (lmcache/handoff.py), on Redis and S3."""
+    prefill, decode = remote_engines(store.extra, timeout_s=5.0), remote_engines(store.extra)
+    put = type(tier(prefill).store).put
+
+    def slow_put(self, *args, **kwargs):
+        time.sleep(0.4)
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tier(prefill).store), "put", slow_put)
+    src = kv(seed=9)
+    prefill.store(TOKENS, kvcaches=src, slot_mapping=slots(SRC_TABLE, 100))
+    assert len(store.keys()) < 3  # LMCache returned with the writes still in flight
+    assert not wait_for_tier_writes([tier(prefill)], 0.1, {"r"})  # bounded: too slow is answered anyway
+    assert wait_for_tier_writes([tier(prefill)], 10.0, {"r"})
+    assert len(store.keys()) == 3
+    hits, dst = load(decode)
     assert hits == 96
     assert_loaded(src, dst)
 

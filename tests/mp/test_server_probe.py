@@ -8,7 +8,7 @@ import pytest
 from vllm_kvplugin.demo.server import free_port
 from vllm_kvplugin.mp.server_probe import (
     ENGINE_DRIVEN, LMCACHE_DRIVEN, ServerAnswer, ServerUnavailable, ask, choose_transfer_mode, is_local)
-from vllm_kvplugin.mp.settings import check_mp_config, is_mp_config, server_urls
+from vllm_kvplugin.mp.settings import check_mp_config, eager_prefetch, is_mp_config, server_urls
 
 BOTH = frozenset({ENGINE_DRIVEN, LMCACHE_DRIVEN})
 LOCAL, REMOTE = "tcp://127.0.0.1:5555", "tcp://10.0.0.7:5555"
@@ -73,6 +73,20 @@ def test_server_urls_follow_lmcache_precedence():
     assert server_urls({"lmcache.mp.server_urls": "tcp://a:1, tcp://b:2", "lmcache.mp.port": 9}) == [
         "tcp://a:1", "tcp://b:2"]
     assert server_urls({"lmcache.mp.server_urls": ["tcp://a:1"]}) == ["tcp://a:1"]
+
+
+def test_lookups_start_on_arrival_unless_the_user_says_no_and_never_for_a_producer():
+    import inspect
+
+    from lmcache.integration.vllm.lmcache_mp_connector import LMCacheMPConnector
+
+    assert eager_prefetch({"lmcache.mp.port": 1}, loads=True)
+    assert not eager_prefetch({"lmcache.mp.port": 1}, loads=False)
+    for off in (False, "false", "0", "off"):
+        assert not eager_prefetch({"lmcache.mp.eager_prefetch": off}, loads=True)
+    assert eager_prefetch({"lmcache.mp.eager_prefetch": "true"}, loads=True)
+    # the connector sets the attribute LMCache's on_new_request reads (lmcache 0.5.6)
+    assert "self._eager_prefetch" in inspect.getsource(LMCacheMPConnector.on_new_request)
 
 
 def test_doctor_reports_a_missing_server_as_a_fail(monkeypatch):

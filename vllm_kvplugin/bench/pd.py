@@ -10,7 +10,9 @@ loopback and the setups run one after another on the same machine:
   hand-off goes through the files) behind ``vllm-router``;
 - ``PD, NixlConnector``: vLLM's own peer-to-peer connector on two ``kv_both``
   servers (``kv_buffer_device: cpu``, NIXL's UCX backend) behind
-  ``vllm-router --kv-connector nixl``, where the ``nixl`` package is installed.
+  ``vllm-router --kv-connector nixl``, where the ``nixl`` package is installed,
+  its OpenMP threads kept off the cores vLLM's NIXL worker takes for itself
+  (:func:`nixl_omp_bind`).
 
 Every server keeps vLLM's defaults (prefix caching on). Each round sends fresh
 prompts with shared prefixes, ``in_flight`` at a time, streamed through the
@@ -20,6 +22,7 @@ setup's front door; greedy outputs are compared with the colocated server's.
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import statistics
 import time
@@ -46,6 +49,22 @@ def ours(role: str, directory: Path) -> dict:
 
 
 NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+
+
+def nixl_omp_bind() -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a NixlConnector server on vLLM-CPU: every core but those NIXL reserves.
+
+    On CPU, vLLM's NIXL worker moves its main thread -- OpenMP's thread 0 -- to the last core of each NUMA
+    node ("reserve different cores for start_load_kv()", ``nixl/base_worker.py``). With OpenMP also bound to
+    that core (the other engines' binding, every core), two OpenMP threads share it and every parallel
+    region waits for a time slice: one 5 MB transfer took 271 s here, decode ran at 0.3 tokens/s. Kept off
+    it, OpenMP runs on the remaining cores (on two cores: one) and the transfers take milliseconds.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+
+    allowed = set(os.sched_getaffinity(0))
+    reserved = {max(cores) for cores in CpuPlatform.discover_numa_topology() if cores}
+    return ",".join(map(str, sorted(allowed - reserved) or sorted(allowed)))
 
 
 @dataclass
@@ -154,7 +173,8 @@ def _start(setup: str, model: str, workdir: Path, stack: ExitStack) -> tuple[str
     else:
         servers = [VllmServer(model, NIXL, workdir / f"pd-nixl-{i}.log", **opts,
                               env=engine_env() | {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-                                                  "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+                                                  "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                                                  "VLLM_CPU_OMP_THREADS_BIND": nixl_omp_bind()})
                    for i in range(2)]
         connector_name = "nixl"
     for server in servers:

@@ -20,6 +20,8 @@ promises in-process too:
 * vLLM's roles, strictly: a ``kv_producer`` never loads (LMCache's MP
   connector would), a ``kv_consumer`` never stores (LMCache already);
 * the ``vllm:kvplugin_*`` lookup and hit counters of the in-process mode;
+* a request's lookup starts when it arrives (LMCache's ``eager_prefetch``,
+  on unless set: :func:`.settings.eager_prefetch`);
 * a CPU worker that moves KV itself (``engine_driven``) does it with our
   one-pass mover, LMCache's device plugin :mod:`.device_plugin`.
 """
@@ -37,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm_kvplugin.metrics import KVPluginStats
 from vllm_kvplugin.mp.device_plugin import BACKEND_NAME, claim_cpu_transfers
 from vllm_kvplugin.mp.server_probe import ENGINE_DRIVEN, ask, choose_transfer_mode
-from vllm_kvplugin.mp.settings import MP_PREFIX, check_mp_config, server_urls
+from vllm_kvplugin.mp.settings import MP_PREFIX, check_mp_config, eager_prefetch, server_urls
 
 logger = init_logger(__name__)
 
@@ -55,6 +57,7 @@ class LMCachePortableMPConnector(LMCacheMPConnector):
                 ask(url, self._probe_timeout_s, modes=False)  # down: an error in seconds, not 300 s
         super().__init__(vllm_config, role, kv_cache_config)
         self._loads = vllm_config.kv_transfer_config.kv_role != "kv_producer"
+        self._eager_prefetch = eager_prefetch(extra, self._loads)  # read by LMCache's on_new_request
         self._requested_mode = extra.get(MP_PREFIX + "mp_transfer_mode") or os.environ.get("LMCACHE_MP_TRANSFER_MODE")
         self._kvplugin_stats = KVPluginStats()
 
