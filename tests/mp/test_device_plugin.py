@@ -6,6 +6,7 @@ LMCache runs for CPU workers without the plugin), called with the same
 arguments as LMCache's engine-driven transfer context calls it.
 """
 
+import os
 import subprocess
 import sys
 
@@ -107,5 +108,21 @@ def test_lmcache_uses_the_plugin_only_once_claimed():
         "claim_cpu_transfers()\n"
         "print(type(resolve_device_ops('cpu')).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "LMCACHE_DEVICE_BACKEND"}).stdout
     assert out.split() == ["CpuDeviceOps", "StubCPUDevice", "PortableCpuOps"]
+
+
+def test_lmcaches_choice_of_the_claimed_backend_is_logged_once_not_on_every_transfer():
+    script = (
+        "import torch\n"
+        "from lmcache.v1.platform import resolve_device_ops\n"
+        "from vllm_kvplugin.mp.device_plugin import claim_cpu_transfers\n"
+        "claim_cpu_transfers()\n"
+        "claim_cpu_transfers()\n"
+        "print(*[type(resolve_device_ops('cpu')).__name__ for _ in range(3)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if k != "LMCACHE_DEVICE_BACKEND"})
+    assert done.stdout.split()[-3:] == ["PortableCpuOps"] * 3
+    assert (done.stdout + done.stderr).count("Auto-selected backend [kvplugin_cpu]") == 1

@@ -36,6 +36,8 @@ CPU spec serves, as without the plugin.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lmcache.lmcache_native import EngineKVFormat, TransferDirection
 from lmcache.v1.platform.devices.cpu import CpuDeviceSpec
@@ -51,9 +53,31 @@ _claimed = False
 
 
 def claim_cpu_transfers() -> None:
-    """From now on, this process's LMCache MP transfers of CPU KV go through this plugin."""
+    """From now on, this process's LMCache MP transfers of CPU KV go through this plugin.
+
+    LMCache then picks this backend among the CPU ones on every transfer (each store and load of a
+    request) and logs that choice at INFO each time; the line is let through once per process.
+    (``LMCACHE_DEVICE_BACKEND`` would silence the choice but also rules LMCache's device detection at
+    import, where it would fail in any child process that imports LMCache before claiming.)
+    """
     global _claimed
+    if not _claimed:
+        logging.getLogger("lmcache.v1.platform").addFilter(_ChoiceLoggedOnce())
     _claimed = True
+
+
+class _ChoiceLoggedOnce(logging.Filter):
+    """Drops LMCache's repeated "Auto-selected backend [kvplugin_cpu]" INFO line after its first time."""
+
+    def __init__(self):
+        super().__init__()
+        self._logged = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Auto-selected backend") or BACKEND_NAME not in record.getMessage():
+            return True
+        first, self._logged = not self._logged, True
+        return first
 
 
 def handles(paged, objects, engine_kv_format) -> bool:
