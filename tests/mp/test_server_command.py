@@ -28,7 +28,17 @@ def test_defaults_serve_every_worker_kind_from_shared_memory():
     assert flag(argv, "--eviction-policy") == "LRU"
     assert flag(argv, "--shm-name") == "kvplugin-6001"
     assert flag(argv, "--host") == "127.0.0.1"  # loopback unless told otherwise
+    assert flag(argv, "--chunk-size") == "128"  # half LMCache's 256: half the tail prefilled again
     assert "--l2-adapter" not in argv
+    assert flag(command("--chunk-size", "256"), "--chunk-size") == "256"
+
+
+def test_a_stock_server_gets_lmcaches_own_transfer_mode_and_chunk_size(tmp_path):
+    from vllm_kvplugin.mp.server import ServerProcess
+
+    argv = ServerProcess(tmp_path, stock=True).argv
+    assert "--supported-transfer-mode" not in argv and "--chunk-size" not in argv
+    assert flag(ServerProcess(tmp_path).argv, "--chunk-size") == "128"
 
 
 def test_directio_path_adds_our_l2_adapter_and_extra_flags_pass_through(tmp_path):

@@ -9,6 +9,12 @@ with flags chosen so that every worker the portable connector serves fits:
   (``engine_driven``), CUDA/ROCm workers hand the server device memory
   (``lmcache_driven``); LMCache's default serves only the latter;
 * ``--eviction-policy LRU`` and an L1 size (required by LMCache);
+* ``--chunk-size 128`` (LMCache's default is 256): the MP server stores whole
+  chunks only, so up to a chunk's worth of a prompt's tail is prefilled again;
+  128 halves that and still fits every block size up to 128 (vLLM-CPU's and
+  vllm-gaudi's default). Warm TTFT / in-process at 1500 tokens 1.62× instead
+  of 2.35×, no worse at 4K and 16K (64 was faster off the grid but slower at
+  16K: per-chunk work; BENCHMARKS.md);
 * ``--shm-name``: L1 in POSIX shared memory, so CPU and HPU workers on this
   host write and read chunks in place instead of pickling them over ZMQ
   (warm TTFT 1.4× in-process instead of 3× at 4K tokens, BENCHMARKS.md);
@@ -39,12 +45,17 @@ ADAPTER_MODULE = "vllm_kvplugin.mp.l2_adapter"
 ADAPTER_CLASS = "DirectIOL2Adapter"
 
 
+DEFAULT_CHUNK_SIZE = 128
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address of LMCache's ZMQ socket (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5555, help="its port (lmcache.mp.port; default 5555)")
     parser.add_argument("--http-port", type=int, default=8080, help="LMCache's HTTP API on 127.0.0.1 (default 8080)")
     parser.add_argument("--l1-size-gb", type=float, default=4.0, help="host-memory cache, GB (default 4)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk (default 256, LMCache's)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help=f"tokens per chunk, a multiple of vLLM's block size (default {DEFAULT_CHUNK_SIZE}; "
+                             "LMCache's is 256): a prompt's tail past its last whole chunk is prefilled again")
     parser.add_argument("--directio-path", help="directory of the direct-I/O L2 tier (enables it)")
     parser.add_argument("--directio-max-size-gb", type=float, default=10.0, help="its byte budget, GB (default 10)")
     parser.add_argument("--directio-io-threads", type=int, default=2, help="its I/O threads (default 2)")
@@ -135,7 +146,7 @@ class ServerProcess:
     """
 
     def __init__(self, workdir, l1_size_gb: float = 1.0, directio_path=None, stock: bool = False,
-                 chunk_size: int = 256, shm: bool = True, extra: tuple[str, ...] = ()):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, shm: bool = True, extra: tuple[str, ...] = ()):
         from vllm_kvplugin.demo.server import free_port
 
         self.workdir, self.port, self.http_port = workdir, free_port(), free_port()
@@ -147,9 +158,10 @@ class ServerProcess:
             lmcache_args=list(extra),
         )
         self.argv = lmcache_server_argv(args)
-        if stock:  # LMCache's documented minimum: no transfer-mode flag
-            i = self.argv.index("--supported-transfer-mode")
-            del self.argv[i : i + 2]
+        if stock:  # LMCache's documented minimum: LMCache's transfer mode and chunk size
+            for flag in ("--supported-transfer-mode", "--chunk-size"):
+                i = self.argv.index(flag)
+                del self.argv[i : i + 2]
         self.url = f"tcp://127.0.0.1:{self.port}"
         self._proc = None
 
