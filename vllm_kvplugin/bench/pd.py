@@ -57,7 +57,7 @@ def nixl_omp_bind() -> str:
     On CPU, vLLM's NIXL worker moves its main thread -- OpenMP's thread 0 -- to the last core of each NUMA
     node ("reserve different cores for start_load_kv()", ``nixl/base_worker.py``). With OpenMP also bound to
     that core (the other engines' binding, every core), two OpenMP threads share it and every parallel
-    region waits for a time slice: one 5 MB transfer took 271 s here, decode ran at 0.3 tokens/s. Kept off
+    region waits for a time slice: one 5 MB transfer took 271 s here, decode ran at 0.2 tokens/s. Kept off
     it, OpenMP runs on the remaining cores (on two cores: one) and the transfers take milliseconds.
     """
     from vllm.platforms.cpu import CpuPlatform
